@@ -1,0 +1,113 @@
+"""Eager reference of the stacked multi-group LoRA linear with per-example Fisher.
+
+    y = x W^T + b + s * (drop(x) A^T) B^T,   A: (R, d_in), B: (d_out, R)
+
+Backward returns the batch gradient of A and B at ``grad_rows`` only (zeros elsewhere) and, when
+Fisher buffers are given, adds sum_n (c_n G_n)^2 to them, G_n being example n's own gradient. Both come
+from one batched contraction cut at example boundaries (einsum over tokens, batch dim kept): no loop
+over examples and no second backward. The fused Triton path in ``kernels.multi_lora_linear`` has the
+same signature and is tested against this one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The scaled keep-mask (0 or 1/(1-p)) of the eager path, reproducible from ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
+def as_examples(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) stays; (N, d) becomes (N, 1, d): N one-token examples."""
+    if t.dim() == 3:
+        return t
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    raise ValueError(f"multi_lora_linear expects x of shape (batch, seq, d) or (tokens, d), got {tuple(t.shape)}")
+
+
+class MultiLoRALinearEager(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
+                example_scale):
+        x_lora = x * dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else x
+        h = x_lora @ lora_A.t()
+        y = F.linear(x, weight, bias) + scaling * (h @ lora_B.t())
+        ctx.save_for_backward(x_lora, h, weight, lora_A, lora_B, grad_rows, example_scale)
+        # Accumulators are written by backward, so they ride on ctx rather than in saved tensors (whose
+        # version check would fail when one module runs twice before its backward).
+        ctx.fisher_A, ctx.fisher_B = fisher_A, fisher_B
+        ctx.scaling = scaling
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x_lora, h, weight, lora_A, lora_B, grad_rows, c = ctx.saved_tensors
+        fisher_A, fisher_B = ctx.fisher_A, ctx.fisher_B
+        s = ctx.scaling
+        dh = dy @ lora_B  # (..., R): gradient w.r.t. h / s
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx_lora = s * (dh @ lora_A)
+            if ctx.dropout_p > 0:
+                dx_lora = dx_lora * dropout_mask(dy.shape[:-1] + (lora_A.shape[1],), ctx.dropout_p, ctx.seed,
+                                                 dy.device, dy.dtype)
+            dx = dy @ weight + dx_lora
+        dA = dB = None
+        wants_A, wants_B = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if (wants_A or wants_B) and grad_rows.numel() > 0:
+            # Per-example gradients, at least float32: G_B,n = s sum_t dy_t h_t^T, G_A,n = s sum_t dh_t x_t^T.
+            acc = torch.promote_types(dy.dtype, torch.float32)
+            dy3 = as_examples(dy).to(acc)
+            h3 = as_examples(h).to(acc)[..., grad_rows]
+            dh3 = as_examples(dh).to(acc)[..., grad_rows]
+            x3 = as_examples(x_lora).to(acc)
+            gB_n = s * torch.einsum("bto,btr->bor", dy3, h3)
+            gA_n = s * torch.einsum("btr,bti->bri", dh3, x3)
+            if fisher_A is not None:
+                c2 = torch.ones(gA_n.shape[0], device=dy.device, dtype=acc) if c is None else c.to(acc).square()
+                fisher_A.index_add_(0, grad_rows, torch.einsum("b,bri->ri", c2, gA_n.square()).float())
+                fisher_B.index_add_(1, grad_rows, torch.einsum("b,bor->or", c2, gB_n.square()).float())
+            if wants_A:
+                dA = torch.zeros_like(lora_A)
+                dA[grad_rows] = gA_n.sum(0).to(lora_A.dtype)
+            if wants_B:
+                dB = torch.zeros_like(lora_B)
+                dB[:, grad_rows] = gB_n.sum(0).to(lora_B.dtype)
+        elif wants_A or wants_B:
+            dA = torch.zeros_like(lora_A) if wants_A else None
+            dB = torch.zeros_like(lora_B) if wants_B else None
+        return dx, None, None, dA, dB, None, None, None, None, None, None, None
+
+
+def multi_lora_linear_eager(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    grad_rows: torch.Tensor,
+    fisher_A: torch.Tensor | None,
+    fisher_B: torch.Tensor | None,
+    example_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Stacked LoRA linear with per-example Fisher (see the module docstring for the contract)."""
+    if (fisher_A is None) != (fisher_B is None):
+        raise ValueError("pass both fisher_A and fisher_B, or neither")
+    if fisher_A is not None and (fisher_A.dtype != torch.float32 or fisher_B.dtype != torch.float32):
+        raise TypeError("Fisher accumulators must be float32")
+    if example_scale is not None and example_scale.shape != (as_examples(x).shape[0],):
+        raise ValueError(f"example_scale must have one entry per example ({as_examples(x).shape[0]}), "
+                         f"got shape {tuple(example_scale.shape)}")
+    return MultiLoRALinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows,
+                                      fisher_A, fisher_B, example_scale)
