@@ -149,8 +149,14 @@ class MultiLoRALinear(nn.Module):
         track = self.track_fisher and torch.is_grad_enabled()
         c = self.example_scale if track else None
         fisher = (self.fisher_A, self.fisher_B) if track else (None, None)
-        y = self._function(x)(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, p,
-                              seed, self.grad_rows(), *fisher, c)
+        fn = self._function(x)
+        weight, bias = self.base.weight, self.base.bias
+        if fn is not multi_lora_linear_eager and x.is_cuda and torch.is_autocast_enabled("cuda"):
+            # The fused op runs outside autocast's op table: cast as autocast would cast F.linear.
+            dtype = torch.get_autocast_dtype("cuda")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        y = fn(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p, seed, self.grad_rows(), *fisher, c)
         if track and y.requires_grad:
             n = x.shape[0] if c is None else (c != 0).sum()
             y = _CountExamples.apply(y, self.fisher_count, n)
