@@ -96,3 +96,15 @@ def test_labels_feed_continual_metrics():
     out = continual_metrics([[100.0], [50.0, 80.0]],
                             error_labels={(0, 0): own, (1, 0): final, (1, 1): ["correct"]})
     assert out["avg_hal"] == 50.0 and out["avg_iuf"] == 0.0
+
+
+def test_feature_cosine_score_centred():
+    common = torch.randn(4, 8) * 10  # a large shared component, as a frozen random encoder gives
+    target = common + torch.randn(5, 4, 8)
+    mean_prediction = target.mean(0, keepdim=True).expand_as(target)
+    assert feature_cosine_score(mean_prediction, target).min() > 90  # uncentred: everything looks alike
+    centred = feature_cosine_score(mean_prediction, target, center=target.mean(0))
+    assert centred.abs().max() < 1e-3  # the average image earns nothing
+    torch.testing.assert_close(feature_cosine_score(target, target, center=target.mean(0)), torch.full((5,), 100.0))
+    with pytest.raises(ValueError, match="center"):
+        feature_cosine_score(target, target, center=torch.zeros(3))

@@ -79,14 +79,23 @@ def box_correct(prediction: str, reference: str, threshold: float = IOU_THRESHOL
     return pred is not None and box_iou(pred, ref) >= threshold
 
 
-def feature_cosine_score(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def feature_cosine_score(predicted: torch.Tensor, target: torch.Tensor,
+                         center: torch.Tensor | None = None) -> torch.Tensor:
     """100 x cosine similarity per image of (M, ...) feature tensors (each image flattened): (M,) float32.
 
-    Flattening keeps the token layout, so an object drawn in the wrong place scores lower.
+    Flattening keeps the token layout, so an object drawn in the wrong place scores lower. ``center``
+    (the mean target feature of the test set, shape (...)) is subtracted from both first: features of a
+    frozen random encoder share a large common component (every pair of images scores ~98 uncentred),
+    and centring makes "predict the average image" score 0 instead.
     """
     if predicted.shape != target.shape or predicted.dim() < 2:
         raise ValueError(f"feature shapes {tuple(predicted.shape)} and {tuple(target.shape)} must be equal (M, ...)")
     p, t = predicted.flatten(1).float(), target.flatten(1).float()
+    if center is not None:
+        if center.shape != predicted.shape[1:]:
+            raise ValueError(f"center has shape {tuple(center.shape)}, expected {tuple(predicted.shape[1:])}")
+        c = center.flatten().float().to(p.device)
+        p, t = p - c, t - c
     return 100.0 * torch.nn.functional.cosine_similarity(p, t, dim=1)
 
 
