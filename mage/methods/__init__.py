@@ -1,0 +1,20 @@
+"""Continual-learning methods, by name: ``build_method(name, cfg, model)``."""
+from __future__ import annotations
+
+from torch import nn
+
+from mage.methods.base import ContinualMethod
+from mage.methods.finetune import GroupMasked, SequentialLoRA
+from mage.methods.mage import MAGE
+
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (MAGE, SequentialLoRA, GroupMasked)}
+
+
+def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
+    """The method ``name`` on ``model`` (whose LoRA layers are already wrapped), with its MethodConfig."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg, model)
+
+
+__all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "GroupMasked"]

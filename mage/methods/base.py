@@ -1,0 +1,109 @@
+"""The interface every continual-learning method implements, and what they share.
+
+A method owns the choice of trainable parameters and whatever state it keeps across steps and tasks
+(EMA, Fisher); it never sees the trainer. The trainer calls, per task:
+
+    on_task_start(groups) -> param_groups() -> [per micro-batch: before_backward(n, accum)]
+    -> [per step: before_clip(grad_of) -> optimizer step -> after_optimizer_step()] -> on_task_end()
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mage.lora import MultiLoRALinear, iter_multi_lora
+
+GradGetter = Callable[[nn.Parameter], torch.Tensor | None]
+# Parameters never trained in SEED-X's SFT recipe: the vision tower (frozen, bf16).
+FROZEN_PREFIXES = ("visual_encoder.",)
+
+
+def lora_group_params(model: nn.Module, groups: Sequence[int] | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every LoRA group parameter (of ``groups`` only, when given)."""
+    for name, m in iter_multi_lora(model):
+        for g in range(m.num_groups) if groups is None else groups:
+            yield f"{name}.lora_A_groups.{g}", m.lora_A_groups[g]
+            yield f"{name}.lora_B_groups.{g}", m.lora_B_groups[g]
+
+
+def non_lora_trainables(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """SEED-X's other trainables: everything the model leaves trainable except LoRA, the wrapped base
+    weights and the vision tower (embeddings, lm_head, norms, resamplers, patch_pos_embed)."""
+    lora_ids = {id(p) for _, p in lora_group_params(model)}
+    base_ids = {id(p) for _, m in iter_multi_lora(model) for p in m.base.parameters()}
+    out = []
+    for name, p in model.named_parameters():
+        if id(p) in lora_ids or id(p) in base_ids or name.startswith(FROZEN_PREFIXES):
+            continue
+        if p.requires_grad:
+            out.append((name, p))
+    return out
+
+
+def decay_split(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norm weights, biases) do not (the usual transformer rule)."""
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class ContinualMethod:
+    """Base: trains the LoRA groups given by ``lora_groups_for`` plus (optionally) the non-LoRA trainables."""
+
+    name = "base"
+
+    def __init__(self, cfg, model: nn.Module):
+        self.cfg = cfg
+        self.model = model
+        self.modules: list[MultiLoRALinear] = [m for _, m in iter_multi_lora(model)]
+        if not self.modules:
+            raise ValueError(f"method {self.name!r} needs a model with MultiLoRALinear layers "
+                             "(wrap it with mage.lora.wrap_llama_lora first)")
+        # Recorded once, before any group masking flips requires_grad.
+        self.extras = non_lora_trainables(model) if cfg.train_non_lora else []
+        if not cfg.train_non_lora:
+            for _, p in non_lora_trainables(model):
+                p.requires_grad_(False)
+        self.groups: tuple[int, ...] = ()
+
+    # -- which groups a task trains
+    def lora_groups_for(self, task_groups: Sequence[int]) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # -- hooks
+    def on_task_start(self, task_groups: Sequence[int]) -> None:
+        self.groups = self.lora_groups_for(task_groups)
+        for m in self.modules:
+            m.set_trainable_groups(self.groups)
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(lora_group_params(self.model, self.groups)) + self.extras
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return decay_split(self.trainable_named_parameters(), weight_decay)
+
+    def before_backward(self, micro_batch_size: int, accumulation: int) -> None:
+        """Called before each micro-batch's backward."""
+
+    def before_clip(self, grad_of: GradGetter) -> None:
+        """Called once per optimizer step with the averaged, not yet clipped gradients."""
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def on_task_end(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state but the checkpoint has {sorted(state)[:4]}...")

@@ -1,0 +1,28 @@
+"""Baselines without PEMA: sequential LoRA fine-tune and EW+GA (group masking, paper Table 4)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mage.methods.base import ContinualMethod
+
+
+class SequentialLoRA(ContinualMethod):
+    """One rank-(G*r) LoRA (all groups) trained on every task in turn; no EMA, no Fisher."""
+
+    name = "lora"
+
+    def lora_groups_for(self, task_groups: Sequence[int]) -> tuple[int, ...]:
+        return tuple(range(self.modules[0].num_groups))
+
+
+class GroupMasked(ContinualMethod):
+    """EW+GA: the equal-weight groups, each task training only the groups of its modalities."""
+
+    name = "ew_ga"
+
+    def lora_groups_for(self, task_groups: Sequence[int]) -> tuple[int, ...]:
+        num = self.modules[0].num_groups
+        bad = [g for g in task_groups if not 0 <= g < num]
+        if bad:
+            raise ValueError(f"task asks for LoRA groups {bad} but the model has {num} groups")
+        return tuple(sorted(set(task_groups)))

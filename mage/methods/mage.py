@@ -1,0 +1,165 @@
+"""MAGE: per-task LoRA group masking + per-example Fisher + PEMA (SPEC sections 2-4).
+
+Per optimizer step: the Fisher sums accumulated by the LoRA backward over the step's micro-batches are
+summed over data-parallel ranks with their example counts, turned into a mean, and drive the PEMA update
+of every trainable group's A and B with the step's averaged, unclipped gradient. At the end of the task
+the LoRA parameters take their EMA values.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from mage import pema
+from mage.lora import set_example_scale
+from mage.methods.base import GradGetter, lora_group_params
+from mage.methods.finetune import GroupMasked
+
+
+def _eager_pema_multi(emas, params, grads, fishers, *, fisher_prevs=None, **kw) -> None:
+    prevs = fisher_prevs if fisher_prevs is not None else [None] * len(emas)
+    for e, p, g, f, fp in zip(emas, params, grads, fishers, prevs):
+        pema.pema_update_(e, p, g, f, fisher_prev=fp, **kw)
+
+
+def _pema_multi():
+    try:  # the fast multi-tensor op, when that module exists; it falls back to eager by itself
+        from mage.ops import pema_update_multi_
+    except ImportError:
+        return _eager_pema_multi
+    return pema_update_multi_
+
+
+def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """Sum same-dtype tensors over ranks in one collective (no-op when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class MAGE(GroupMasked):
+    name = "mage"
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        if cfg.pema_mode not in pema.PEMA_MODES:
+            raise ValueError(f"unknown PEMA mode {cfg.pema_mode!r}; choose one of {pema.PEMA_MODES}")
+        self.pema_kwargs = dict(lam=cfg.lam, beta_min=cfg.beta_min, beta_max=cfg.beta_max, mode=cfg.pema_mode,
+                                fixed_beta=cfg.fixed_beta)
+        self.ema: dict[str, torch.Tensor] = {}
+        self._grads: list[torch.Tensor] = []
+        # "fisher" mode: F_prev per group parameter = sum of the per-task mean Fisher of finished tasks,
+        # and this task's running Fisher sum and example count.
+        self.uses_prev = cfg.pema_mode == "fisher"
+        self.fisher_prev: dict[str, torch.Tensor] = {}
+        self.task_fisher: dict[str, torch.Tensor] = {}
+        self.task_count = torch.zeros((), dtype=torch.float64, device=self.modules[0].fisher_count.device)
+        if self.uses_prev:
+            self.fisher_prev = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in lora_group_params(model)}
+
+    def _trainable_lora(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(lora_group_params(self.model, self.groups))
+
+    def on_task_start(self, task_groups: Sequence[int]) -> None:
+        super().on_task_start(task_groups)
+        for m in self.modules:
+            m.reset_fisher()
+            m.track_fisher = True
+        named = self._trainable_lora()
+        self.ema = {n: p.detach().float().clone() for n, p in named}
+        self._grads = [torch.zeros_like(p) for _, p in named]
+        if self.uses_prev:
+            self.task_fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+            self.task_count.zero_()
+
+    def before_backward(self, micro_batch_size: int, accumulation: int) -> None:
+        # The backward loss is mean_n(L_n) / accumulation, so example n's own gradient is the gradient
+        # reaching its rows times B * accumulation: that is c_n.
+        c = torch.full((micro_batch_size,), float(micro_batch_size * accumulation),
+                       device=self.modules[0].fisher_A.device)
+        set_example_scale(self.model, c)
+
+    def before_clip(self, grad_of: GradGetter) -> None:
+        for buf, (_, p) in zip(self._grads, self._trainable_lora()):
+            g = grad_of(p)
+            if g is None:
+                buf.zero_()
+            else:
+                buf.copy_(g)
+
+    def _fisher_slices(self, m, g: int, mean_a: torch.Tensor, mean_b: torch.Tensor):
+        rows = slice(g * m.rank, (g + 1) * m.rank)
+        return mean_a[rows].contiguous(), mean_b[:, rows].contiguous()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        _all_reduce_sum_([t for m in self.modules for t in (m.fisher_A, m.fisher_B)])
+        _all_reduce_sum_([m.fisher_count for m in self.modules])
+        emas, params, fishers, prevs = [], [], [], []
+        names = iter(self.ema)
+        for m in self.modules:
+            # count >= 1 whenever backward ran; the clamp keeps a step without examples at F = 0
+            # without a host sync to check it.
+            count = m.fisher_count.clamp_min(1.0).float()
+            for g in self.groups:
+                fa, fb = self._fisher_slices(m, g, m.fisher_A, m.fisher_B)
+                for p, f_sum in ((m.lora_A_groups[g], fa), (m.lora_B_groups[g], fb)):
+                    name = next(names)
+                    emas.append(self.ema[name])
+                    params.append(p)
+                    fishers.append(f_sum / count)
+                    if self.uses_prev:
+                        prevs.append(self.fisher_prev[name])
+                        self.task_fisher[name].add_(f_sum)
+            if self.uses_prev and m is self.modules[0]:
+                self.task_count.add_(m.fisher_count)
+        _pema_multi()(emas, params, self._grads, fishers, fisher_prevs=prevs if self.uses_prev else None,
+                      **self.pema_kwargs)
+        for m in self.modules:
+            m.reset_fisher()
+
+    @torch.no_grad()
+    def on_task_end(self) -> None:
+        for name, p in self._trainable_lora():
+            p.copy_(self.ema[name].to(p.dtype))
+        if self.uses_prev:
+            count = self.task_count.clamp_min(1.0).float()
+            for name, f in self.task_fisher.items():
+                self.fisher_prev[name].add_(f / count)
+            self.task_fisher = {}
+            self.task_count.zero_()
+        for m in self.modules:
+            m.track_fisher = False
+            m.reset_fisher()
+        set_example_scale(self.model, None)
+        self.ema, self._grads = {}, []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"ema.{n}": t for n, t in self.ema.items()}
+        state.update({f"fisher_prev.{n}": t for n, t in self.fisher_prev.items()})
+        state.update({f"task_fisher.{n}": t for n, t in self.task_fisher.items()})
+        if self.uses_prev:
+            state["task_count"] = self.task_count
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores what ``state_dict`` wrote; call after ``on_task_start`` of the task being resumed."""
+        targets = {f"ema.{n}": t for n, t in self.ema.items()}
+        targets.update({f"fisher_prev.{n}": t for n, t in self.fisher_prev.items()})
+        targets.update({f"task_fisher.{n}": t for n, t in self.task_fisher.items()})
+        if self.uses_prev:
+            targets["task_count"] = self.task_count
+        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+        if missing or unexpected:
+            raise ValueError(f"MAGE state does not match this task's trainable groups: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]} (was the checkpoint written by another method/config?)")
+        for k, t in targets.items():
+            t.copy_(state[k])

@@ -1,0 +1,309 @@
+"""The continual sequence, top to bottom: zero-shot row, then per task train -> consolidate -> evaluate -> save.
+
+Resumption: the newest checkpoint names the task and step to continue from and carries everything that
+decides what happens next (weights, EMA, Fisher, optimizer, schedule, RNG, data position, scores so far),
+so a resumed run computes exactly what the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mage.eval.metrics import error_type_forgetting
+from mage.lora import iter_multi_lora, wrap_llama_lora
+from mage.methods import ContinualMethod, build_method
+from mage.model import build_model
+from mage.trainer.checkpoint import (CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint,
+                                     serialize_state, write_bytes_atomic)
+from mage.trainer.config import Config, config_differences, save_config
+from mage.trainer.data import TrainStream, check_task_overrides, prepare_data, resolve_tasks, to_device
+from mage.trainer.distributed import DistInfo, barrier
+from mage.trainer.engine import DDPEngine, build_engine, check_engine
+from mage.trainer.evaluate import evaluate_tasks
+from mage.trainer.logging import RunLogger
+from mage.trainer.report import compute_metrics, format_matrix, format_metrics, write_reports
+
+# Test hook: "TASK:STEP" (1-based task, optimizer steps done) -> SIGKILL this process right after that
+# step's mid-task checkpoint logic, as an abrupt crash would.
+CRASH_ENV = "MAGE_CRASH_AT"
+
+
+@dataclass
+class Progress:
+    """Where the sequence stands; saved in every checkpoint."""
+    task: int = 0                      # index of the task to train next (or being trained)
+    step: int = 0                      # optimizer steps of that task already done
+    zero_shot: list[float] | None = None
+    rows: list[list[float]] = field(default_factory=list)
+    labels: dict[str, list[str]] = field(default_factory=dict)   # "j,i" -> per-example error labels
+
+    def error_labels(self) -> dict[tuple[int, int], list[str]]:
+        return {tuple(int(x) for x in k.split(",")): v for k, v in self.labels.items()}
+
+
+def build_trainable_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """SEED-X with the SFT trainable set and the four LoRA groups on every LLaMA target linear."""
+    model = build_model(cfg.model.name, device=device, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    model.freeze_for_sft()
+    lora = cfg.lora
+    wrap_llama_lora(model.llm, rank=lora.rank, num_groups=lora.num_groups, alpha=lora.alpha, dropout=lora.dropout,
+                    backend=lora.backend)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ state
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor, so the sidecar loads with torch.load(weights_only=True)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_tensors(model: torch.nn.Module, method: ContinualMethod) -> dict[str, torch.Tensor]:
+    """Everything trainable at any point (all LoRA groups, non-LoRA trainables), Fisher buffers, method state."""
+    out = {}
+    for name, m in iter_multi_lora(model):
+        for g in range(m.num_groups):
+            out[f"model.{name}.lora_A_groups.{g}"] = m.lora_A_groups[g]
+            out[f"model.{name}.lora_B_groups.{g}"] = m.lora_B_groups[g]
+        for buf in ("fisher_A", "fisher_B", "fisher_count"):
+            out[f"fisher.{name}.{buf}"] = getattr(m, buf)
+    out.update({f"model.{n}": p for n, p in method.extras})
+    out.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+class SequenceTrainer:
+    """One continual run: owns the model, method, data and run folder; ``run()`` goes start to end."""
+
+    def __init__(self, cfg: Config, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.run.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.tasks = resolve_tasks(cfg.data)
+        self.bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and info.device.type == "cuda")
+        check_task_overrides(cfg.task_overrides, self.tasks)
+        check_engine(cfg.train, info.device)
+        self.data_root = prepare_data(cfg.data, info, self.tasks)
+        # Same seed on every rank for the weights; per-rank streams below for dropout.
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_trainable_model(cfg, info.device)
+        self.method = build_method(cfg.method.name, cfg.method, self.model)
+        self.log = RunLogger(self.run_dir, [t.name for t in self.tasks], cfg.run, info.is_main)
+        self.progress = Progress()
+        self.resume_state: dict | None = None
+        self._crash_at = os.environ.get(CRASH_ENV)
+
+    # -- checkpoints
+    def _save(self, tag: str, engine: DDPEngine | None, stream: TrainStream | None) -> None:
+        """All ranks call this; rank 0 writes (ranks hold identical weights and EMA)."""
+        rngs = [None] * self.info.world_size
+        if self.info.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        tensors = model_tensors(self.model, self.method)
+        sharded = engine is not None and engine.sharded_state
+        if sharded:  # ZeRO: each rank owns a partition of the optimizer state
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.ckpt_dir / f"{tag}.engine.rank{self.info.rank}.pt",
+                               serialize_state(engine.state_dict()))
+            barrier()
+        if self.info.is_main:
+            p = self.progress
+            state = {
+                "format": 1, "config": self.cfg.flat(), "world_size": self.info.world_size,
+                "task": p.task, "step": p.step, "zero_shot": p.zero_shot, "rows": p.rows, "labels": p.labels,
+                "rng": rngs,
+                "engine": None if engine is None else ("per-rank" if sharded else engine.state_dict()),
+                "stream": stream.state_dict() if stream is not None else None,
+            }
+            save_checkpoint(self.ckpt_dir, tag, tensors, state)
+            prune_mid_task(self.ckpt_dir, tag)
+        barrier()
+
+    def _engine_state(self, state: dict) -> dict:
+        if state["engine"] != "per-rank":
+            return state["engine"]
+        tag = read_latest(self.ckpt_dir)["tag"]
+        return torch.load(self.ckpt_dir / f"{tag}.engine.rank{self.info.rank}.pt", map_location="cpu",
+                          weights_only=True)
+
+    def _restore(self) -> None:
+        loaded = load_checkpoint(self.ckpt_dir)
+        if loaded is None:
+            return
+        tensors, state = loaded
+        diffs = config_differences(state["config"], self.cfg)
+        if diffs:
+            raise CheckpointError(
+                f"{self.ckpt_dir} holds a checkpoint of a different configuration:\n  " + "\n  ".join(diffs) +
+                f"\nResume with the same settings, or start a new run with --run.out_dir OTHER_DIR "
+                f"(or delete {self.run_dir}).")
+        if state["world_size"] != self.info.world_size:
+            raise CheckpointError(
+                f"the checkpoint in {self.ckpt_dir} was written by {state['world_size']} processes and this run "
+                f"has {self.info.world_size}; the data shards and RNG streams depend on it. Resume with "
+                f"--nproc-per-node/--nnodes giving {state['world_size']} processes, or use another --run.out_dir.")
+        self.progress = Progress(task=state["task"], step=state["step"], zero_shot=state["zero_shot"],
+                                 rows=state["rows"], labels=state["labels"])
+        # Every LoRA group, the non-LoRA trainables and the Fisher buffers.
+        with torch.no_grad():
+            for k, t in model_tensors(self.model, self.method).items():
+                if k.startswith(("model.", "fisher.")):
+                    if k not in tensors:
+                        raise CheckpointError(f"checkpoint lacks {k}: written by a different model/LoRA layout")
+                    t.copy_(tensors[k])
+        method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
+        if state["step"] == 0:
+            # A task boundary: only state that spans tasks (e.g. F_prev); the next task starts afresh.
+            self.method.load_state_dict(method_state)
+        else:
+            # Mid-task: the method's per-task state is loaded once that task has started.
+            self.resume_state = {"method": method_state, "state": state}
+        self.log.message(f"resuming from {self.ckpt_dir} at task {state['task'] + 1}, step {state['step']}")
+
+    # -- evaluation
+    def _evaluate_row(self, after: int) -> list[float]:
+        scores, labels = evaluate_tasks(self.model, self.tasks, self.data_root, self.cfg.eval, self.info, self.bf16,
+                                        progress=self.log.eval_bar(after))
+        if after >= 1:  # keyed by the 0-based index of the last trained task
+            for i, lab in labels.items():
+                self.progress.labels[f"{after - 1},{i}"] = lab
+        self.log.eval_row(after, scores)
+        return scores
+
+    # -- training one task
+    def _train_task(self, k: int) -> None:
+        task = self.tasks[k]
+        cfg = self.cfg.for_task(task.name)
+        total = cfg.train.steps_per_task
+        self.method.on_task_start(task.lora_groups)
+        engine = build_engine(self.model, self.method.param_groups(cfg.optim.weight_decay), cfg.optim, cfg.train,
+                              total, self.info, self.bf16)
+        stream = TrainStream(task, self.data_root, self.model, batch_size=cfg.train.batch_size,
+                             seed=cfg.train.seed, rank=self.info.rank, world_size=self.info.world_size,
+                             num_workers=cfg.data.num_workers)
+        resume = self.resume_state
+        if resume is not None and resume["state"]["task"] == k:
+            st = resume["state"]
+            self.method.load_state_dict(resume["method"])
+            engine.load_state_dict(self._engine_state(st))
+            stream.load_state_dict(st["stream"])
+            set_rng_state(st["rng"][self.info.rank])
+        else:
+            torch.manual_seed(cfg.train.seed * 1000 + k * 97 + self.info.rank)  # per-task, per-rank dropout stream
+        self.resume_state = None
+
+        self.model.train()
+        autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        bar = self.log.task_bar(k, total, initial=self.progress.step)
+        for step in range(self.progress.step, total):
+            loss_sum = torch.zeros((), device=self.info.device)
+            for micro in range(cfg.train.grad_accum):
+                last = micro == cfg.train.grad_accum - 1
+                batch = to_device(stream.next_batch(), self.info.device)
+                with engine.accumulating(last):
+                    self.method.before_backward(batch["input_ids"].shape[0], cfg.train.grad_accum)
+                    with autocast:
+                        out = engine.forward(batch)
+                    engine.backward(out.loss, last)
+                loss_sum += out.loss.detach()
+            self.method.before_clip(engine.grad_of)
+            grad_norm = engine.clip()
+            engine.step()
+            self.method.after_optimizer_step()
+            self.progress.step = step + 1
+            if self.log.wants(step + 1, total):
+                # .item() syncs the device: only on logging steps.
+                self.log.train_step(k, step + 1, (loss_sum / cfg.train.grad_accum).item(),
+                                    None if grad_norm is None else grad_norm.item(), engine.lr())
+            bar.update(1)
+            every = self.cfg.run.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < total:
+                self._save(f"task{k + 1:02d}_step{step + 1:06d}", engine, stream)
+            self._maybe_crash(k, step + 1)
+        bar.close()
+        self.method.on_task_end()
+        # Drop this task's DDP wrapper now: a lingering reducer would keep hooks on the parameters.
+        del engine
+        gc.collect()
+
+    def _maybe_crash(self, k: int, step: int) -> None:
+        if self._crash_at == f"{k + 1}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- the sequence
+    def run(self) -> dict:
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self._restore()
+        if self.info.is_main:
+            save_config(self.cfg, self.run_dir / "config.json")
+        start = time.perf_counter()
+        p = self.progress
+        if self.cfg.eval.zero_shot and p.zero_shot is None and p.task == 0 and p.step == 0:
+            p.zero_shot = self._evaluate_row(0)
+        seq_bar = self.log.sequence_bar(len(self.tasks), initial=p.task)
+        for k in range(p.task, len(self.tasks)):
+            self._train_task(k)
+            p.rows.append(self._evaluate_row(k + 1))
+            p.task, p.step = k + 1, 0
+            self._save(f"task{k + 1:02d}_end", None, None)
+            self._write_reports()
+            seq_bar.update(1)
+        seq_bar.close()
+        metrics = self._write_reports()
+        self.log.finish(time.perf_counter() - start)
+        return {"tasks": [t.name for t in self.tasks], "zero_shot": p.zero_shot, "matrix": p.rows,
+                "metrics": metrics}
+
+    def _write_reports(self) -> dict:
+        p = self.progress
+        if not p.rows:
+            return {}
+        metrics = compute_metrics(p.rows, p.zero_shot if self.cfg.eval.zero_shot else None)
+        # Error-type forgetting (Eqs. 8-10) over the earlier tasks whose answers carry labels (text tasks).
+        labels, last = p.error_labels(), len(p.rows) - 1
+        labelled = [i for i in range(last) if (i, i) in labels and (last, i) in labels]
+        if labelled:
+            metrics.update(error_type_forgetting([labels[(last, i)] for i in labelled],
+                                                 [labels[(i, i)] for i in labelled]))
+        if self.info.is_main:
+            write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics)
+        return metrics
+
+
+def run_sequence(cfg: Config, info: DistInfo) -> dict:
+    result = SequenceTrainer(cfg, info).run()
+    if info.is_main:
+        print("\nAccuracy matrix (rows: after training task j; columns: tasks)")
+        print(format_matrix(result["tasks"], result["matrix"], result["zero_shot"]))
+        print()
+        print(format_metrics(result["metrics"]))
+    return result

@@ -1,0 +1,19 @@
+"""benchmarks/bench_step.py stays runnable on CPU (--tiny): one optimizer step, plain LoRA and MAGE."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+
+
+def test_bench_step_tiny_runs_both_providers():
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--tiny", "--no-csv", "--reps", "1", "--providers", "lora", "mage"])
+    assert [r["provider"] for r in rows] == ["lora", "mage"]
+    for r in rows:
+        assert r["device"] == "cpu" and r["tokens"] == 128 and r["mfu"] == ""
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0 and r["tokens_per_s"] > 0
