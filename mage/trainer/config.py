@@ -26,6 +26,16 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "tiny"                  # "tiny" (CPU-sized SEED-X graph) or "seed-x-13b"
     gradient_checkpointing: bool = False
+    # Local SEED-X weights (all four, or none for a random-init model): the agent file (resamplers +
+    # patch_pos_embed), the HF LLaMA-2-13B-chat folder, the ViT state dict and the tokenizer folder.
+    agent_path: str = ""
+    llm_path: str = ""
+    vision_path: str = ""
+    tokenizer_path: str = ""
+
+    def weight_paths(self) -> dict[str, str]:
+        return {"agent_path": self.agent_path, "llm_path": self.llm_path, "vision_path": self.vision_path,
+                "tokenizer_path": self.tokenizer_path}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from mage.eval.metrics import error_type_forgetting
 from mage.lora import iter_multi_lora, wrap_llama_lora
 from mage.methods import ContinualMethod, build_method
 from mage.model import build_model
+from mage.model.checkpoint import load_seed_x
 from mage.trainer.checkpoint import (CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint,
                                      serialize_state, write_bytes_atomic)
 from mage.trainer.config import Config, config_differences, save_config
@@ -52,7 +53,20 @@ class Progress:
 
 def build_trainable_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     """SEED-X with the SFT trainable set and the four LoRA groups on every LLaMA target linear."""
-    model = build_model(cfg.model.name, device=device, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    paths = cfg.model.weight_paths()
+    if any(paths.values()):
+        missing = [k for k, v in paths.items() if not v]
+        if missing:
+            raise ValueError(f"loading SEED-X weights needs all of model.{', model.'.join(paths)}; "
+                             f"missing: model.{', model.'.join(missing)}")
+        model = load_seed_x(paths["agent_path"], paths["llm_path"], paths["vision_path"], name=cfg.model.name,
+                            tokenizer=paths["tokenizer_path"], device=device,
+                            gradient_checkpointing=cfg.model.gradient_checkpointing)
+    elif cfg.model.name != "tiny":
+        raise ValueError(f"model {cfg.model.name!r} is trained from local weights: set model.agent_path, "
+                         "model.llm_path, model.vision_path and model.tokenizer_path")
+    else:
+        model = build_model(cfg.model.name, device=device, gradient_checkpointing=cfg.model.gradient_checkpointing)
     model.freeze_for_sft()
     lora = cfg.lora
     wrap_llama_lora(model.llm, rank=lora.rank, num_groups=lora.num_groups, alpha=lora.alpha, dropout=lora.dropout,
