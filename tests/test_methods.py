@@ -56,7 +56,7 @@ def run_steps(model, method, steps: int, batch_size: int = 3, accum: int = 2, ta
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid methods: ew_ga, lora, mage"):
+    with pytest.raises(ValueError, match="valid methods: cia, ew_ga, ewc, lora, mage, pgp"):
         build_method("mage2", MethodConfig(), tiny_model())
 
 
@@ -186,7 +186,7 @@ def test_lora_trains_all_groups_without_ema_and_ew_ga_keeps_trained_values():
     trained = {n: p.detach().clone() for n, p in lora_group_params(model)}
     method.on_task_end()
     assert all(torch.equal(p, trained[n]) for n, p in lora_group_params(model))
-    assert set(METHODS) == {"mage", "lora", "ew_ga"}
+    assert set(METHODS) == {"mage", "lora", "ew_ga", "ewc", "cia", "pgp"}
 
 
 def test_mage_state_round_trip_mid_task():

@@ -24,7 +24,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        import mage.methods.mage as mage_method
+        import mage.methods.base as method_base
         from mage.methods import build_method
         from mage.trainer.config import MethodConfig, OptimConfig, TrainConfig
         from mage.trainer.distributed import DistInfo
@@ -37,7 +37,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         engine = DDPEngine(model, method.param_groups(0.05), OptimConfig(lr=1e-2, warmup_steps=0),
                            TrainConfig(grad_accum=ACCUM), STEPS, DistInfo(rank, world, 0, torch.device("cpu")))
         seen = {"local": [], "reduced": [], "counts": []}
-        real_reduce = mage_method._all_reduce_sum_
+        real_reduce = method_base.all_reduce_sum_
 
         def spy_reduce(tensors):
             is_fisher = tensors and tensors[0].dtype == torch.float32
@@ -49,7 +49,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
             else:
                 seen["counts"].append([t.item() for t in tensors])
 
-        mage_method._all_reduce_sum_ = spy_reduce
+        method_base.all_reduce_sum_ = spy_reduce
         torch.manual_seed(100 + rank)  # different dropout and data per rank
         model.train()
         for s in range(STEPS):

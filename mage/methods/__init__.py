@@ -4,10 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from mage.methods.base import ContinualMethod
+from mage.methods.cia import CIA
+from mage.methods.ewc import EWC
 from mage.methods.finetune import GroupMasked, SequentialLoRA
 from mage.methods.mage import MAGE
+from mage.methods.pgp import PGP
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (MAGE, SequentialLoRA, GroupMasked)}
+METHODS: dict[str, type[ContinualMethod]] = {
+    cls.name: cls for cls in (MAGE, SequentialLoRA, GroupMasked, EWC, CIA, PGP)}
 
 
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
@@ -17,4 +21,4 @@ def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
     return METHODS[name](cfg, model)
 
 
-__all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "GroupMasked"]
+__all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "GroupMasked", "EWC", "CIA", "PGP"]

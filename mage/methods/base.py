@@ -3,19 +3,26 @@
 A method owns the choice of trainable parameters and whatever state it keeps across steps and tasks
 (EMA, Fisher); it never sees the trainer. The trainer calls, per task:
 
-    on_task_start(groups) -> param_groups() -> [per micro-batch: before_backward(n, accum)]
-    -> [per step: before_clip(grad_of) -> optimizer step -> after_optimizer_step()] -> on_task_end()
+    on_task_start(groups) -> param_groups()
+    -> [per micro-batch: before_backward(n, accum), loss + loss_penalty() -> backward]
+    -> [per step: before_clip(grad_of) -> optimizer step -> after_optimizer_step()]
+    -> on_task_end() -> on_task_end_data(batches, loss_of)
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mage.lora import MultiLoRALinear, iter_multi_lora
 
 GradGetter = Callable[[nn.Parameter], torch.Tensor | None]
+# ``batches(n)``: batches holding at least n examples (this rank's share) of the task just trained.
+BatchSource = Callable[[int], Iterator[dict]]
+# ``loss_of(batch)``: the model's loss on a batch, the mean of the per-example losses.
+LossOf = Callable[[dict], torch.Tensor]
 # Parameters never trained in SEED-X's SFT recipe: the vision tower (frozen, bf16).
 FROZEN_PREFIXES = ("visual_encoder.",)
 
@@ -52,6 +59,24 @@ def decay_split(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> l
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """Sum same-dtype tensors over ranks in one collective (no-op when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_reduce_fisher_(modules: Sequence[MultiLoRALinear]) -> None:
+    """Sum every layer's Fisher sums and example counts over data-parallel ranks, in place."""
+    all_reduce_sum_([t for m in modules for t in (m.fisher_A, m.fisher_B)])
+    all_reduce_sum_([m.fisher_count for m in modules])
 
 
 class ContinualMethod:
@@ -92,6 +117,11 @@ class ContinualMethod:
     def before_backward(self, micro_batch_size: int, accumulation: int) -> None:
         """Called before each micro-batch's backward."""
 
+    def loss_penalty(self) -> torch.Tensor | None:
+        """A term added to every micro-batch's task loss before its backward (the trainer then divides the
+        sum by the accumulation, so the penalty counts once per step); None adds nothing."""
+        return None
+
     def before_clip(self, grad_of: GradGetter) -> None:
         """Called once per optimizer step with the averaged, not yet clipped gradients."""
 
@@ -100,6 +130,10 @@ class ContinualMethod:
 
     def on_task_end(self) -> None:
         pass
+
+    def on_task_end_data(self, batches: BatchSource, loss_of: LossOf) -> None:
+        """After ``on_task_end``, for methods that need a pass over the task just trained (EWC's Fisher, PGP's
+        activation bases). The model is in eval mode with gradients enabled; no optimizer step follows."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -10,38 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
 from mage import pema
 from mage.lora import set_example_scale
-from mage.methods.base import GradGetter, lora_group_params
+from mage.ops import pema_update_multi_
+from mage.methods.base import GradGetter, all_reduce_fisher_, lora_group_params
 from mage.methods.finetune import GroupMasked
-
-
-def _eager_pema_multi(emas, params, grads, fishers, *, fisher_prevs=None, **kw) -> None:
-    prevs = fisher_prevs if fisher_prevs is not None else [None] * len(emas)
-    for e, p, g, f, fp in zip(emas, params, grads, fishers, prevs):
-        pema.pema_update_(e, p, g, f, fisher_prev=fp, **kw)
-
-
-def _pema_multi():
-    try:  # the fast multi-tensor op, when that module exists; it falls back to eager by itself
-        from mage.ops import pema_update_multi_
-    except ImportError:
-        return _eager_pema_multi
-    return pema_update_multi_
-
-
-def _all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
-    """Sum same-dtype tensors over ranks in one collective (no-op when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 class MAGE(GroupMasked):
@@ -100,8 +74,7 @@ class MAGE(GroupMasked):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        _all_reduce_sum_([t for m in self.modules for t in (m.fisher_A, m.fisher_B)])
-        _all_reduce_sum_([m.fisher_count for m in self.modules])
+        all_reduce_fisher_(self.modules)
         emas, params, fishers, prevs = [], [], [], []
         names = iter(self.ema)
         for m in self.modules:
@@ -120,7 +93,7 @@ class MAGE(GroupMasked):
                         self.task_fisher[name].add_(f_sum)
             if self.uses_prev and m is self.modules[0]:
                 self.task_count.add_(m.fisher_count)
-        _pema_multi()(emas, params, self._grads, fishers, fisher_prevs=prevs if self.uses_prev else None,
+        pema_update_multi_(emas, params, self._grads, fishers, fisher_prevs=prevs if self.uses_prev else None,
                       **self.pema_kwargs)
         for m in self.modules:
             m.reset_fisher()

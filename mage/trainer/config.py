@@ -66,6 +66,14 @@ class MethodConfig:
     beta_max: float = 1.0
     fixed_beta: float = 0.99
     train_non_lora: bool = True         # embeddings, lm_head, norms, resamplers, patch_pos_embed (SEED-X)
+    # Baselines (SPEC section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
+    ewc_lambda: float = 5000.0          # weight of (lambda/2) * sum F (theta - theta*)^2
+    ewc_samples: int = 200              # examples of the finished task for its Fisher (whole micro-batches)
+    ewc_online: bool = False            # False: last task's Fisher (the references); True: sum over tasks
+    pgp_samples: int = 200              # examples of the finished task whose activations grow the bases
+    pgp_tokens_per_example: int = 8     # activation rows sampled per example (valid tokens) per layer
+    pgp_threshold: float = 0.97         # GPM energy threshold epsilon
+    pgp_max_basis: float = 0.5          # cap on a basis' size, as a fraction of the layer's input width
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,8 @@ class SequenceTrainer:
                     self.method.before_backward(batch["input_ids"].shape[0], cfg.train.grad_accum)
                     with autocast:
                         out = engine.forward(batch)
-                    engine.backward(out.loss, last)
+                    penalty = self.method.loss_penalty()  # e.g. EWC's, on the live parameters
+                    engine.backward(out.loss if penalty is None else out.loss + penalty, last)
                 loss_sum += out.loss.detach()
             self.method.before_clip(engine.grad_of)
             grad_norm = engine.clip()
@@ -266,6 +267,15 @@ class SequenceTrainer:
         # Drop this task's DDP wrapper now: a lingering reducer would keep hooks on the parameters.
         del engine
         gc.collect()
+
+        def loss_of(batch: dict) -> torch.Tensor:
+            with autocast:
+                return self.model(batch).loss
+
+        self.model.eval()  # the task-end data pass (EWC Fisher, PGP bases): no dropout, whole micro-batches
+        per_rank = cfg.train.batch_size * self.info.world_size
+        self.method.on_task_end_data(
+            lambda n: (to_device(stream.next_batch(), self.info.device) for _ in range(-(-n // per_rank))), loss_of)
 
     def _maybe_crash(self, k: int, step: int) -> None:
         if self._crash_at == f"{k + 1}:{step}":
