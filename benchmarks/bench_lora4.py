@@ -19,13 +19,14 @@ import csv
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from mage.provenance import git_commit
 
 if not torch.cuda.is_available() or "--cpu" in sys.argv:
     # The fused kernels need the interpreter on CPU; it must be chosen before triton is imported.
@@ -162,13 +163,6 @@ def roofline_ms(d_in: int, d_out: int, tokens: int, mode: str, elem_bytes: int, 
     return flops / peak_flops * 1e3, nbytes / bandwidth * 1e3
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or "none"
-    except OSError:
-        return "none"
 
 
 def append_rows(rows: list[dict]) -> None:

@@ -27,11 +27,12 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import torch
+
+from mage.provenance import git_commit
 
 from mage.ops import native_available, pema_update_multi_
 from mage.pema import pema_update_
@@ -163,16 +164,6 @@ def device_name(device: str) -> str:
     return f"cpu {platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
-    return head + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

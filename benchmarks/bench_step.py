@@ -19,12 +19,13 @@ import csv
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from mage.provenance import git_commit
 
 if not torch.cuda.is_available() or "--tiny" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, in case a kernel is reached
@@ -127,13 +128,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((p for key, p in PEAK_BF16 if key in name), 989e12)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or "none"
-    except OSError:
-        return "none"
 
 
 def time_step(step, device: torch.device, reps: int) -> tuple[float, float]:

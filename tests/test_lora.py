@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from mage.lora import (GROUP_NAMES, MultiLoRALinear, iter_multi_lora, reset_fisher, set_example_scale,
+from mage.lora import (MultiLoRALinear, iter_multi_lora, reset_fisher, set_example_scale,
                        set_track_fisher, set_trainable_groups, wrap_llama_lora)
 from mage.lora_function import dropout_mask
 
