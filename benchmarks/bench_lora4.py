@@ -15,7 +15,6 @@ benchmarks/results/lora4.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -26,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from mage.provenance import git_commit
+from mage.provenance import append_csv_rows, git_commit
 
 if not torch.cuda.is_available() or "--cpu" in sys.argv:
     # The fused kernels need the interpreter on CPU; it must be chosen before triton is imported.
@@ -165,16 +164,6 @@ def roofline_ms(d_in: int, d_out: int, tokens: int, mode: str, elem_bytes: int, 
 
 
 
-def append_rows(rows: list[dict]) -> None:
-    CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.exists()
-    with CSV_PATH.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="small float32 shapes on CPU (default without CUDA)")
@@ -227,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                                      peak_mb=f"{mem:.1f}"))
                     del fn
     if not args.no_csv:
-        append_rows(rows)
+        append_csv_rows(CSV_PATH, CSV_FIELDS, rows)
         print(f"appended {len(rows)} rows to {CSV_PATH}")
 
 

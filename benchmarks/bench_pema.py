@@ -22,7 +22,6 @@ benchmarks/results/pema.csv. On CPU, --scale shrinks the widths (rank stays 32) 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -32,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from mage.provenance import git_commit
+from mage.provenance import append_csv_rows, git_commit
 
 from mage.ops import native_available, pema_update_multi_
 from mage.pema import pema_update_
@@ -227,13 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
            f"EXTRAPOLATED: 7 modules of one layer timed, x{args.layers} layers")
 
     if args.csv:
-        new = not os.path.exists(args.csv)
-        os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv_rows(args.csv, CSV_FIELDS, rows)
         print(f"appended {len(rows)} rows to {args.csv}")
     return rows
 

@@ -15,7 +15,6 @@ Rows are appended to benchmarks/results/step.csv with device, date and commit.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mage.provenance import git_commit
+from mage.provenance import append_csv_rows, git_commit
 
 if not torch.cuda.is_available() or "--tiny" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, in case a kernel is reached
@@ -208,13 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if rows and not args.no_csv:
-        CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-        new = not CSV_PATH.exists()
-        with CSV_PATH.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv_rows(CSV_PATH, FIELDS, rows)
     return rows
 
 
