@@ -22,61 +22,50 @@ from mage.trainer.data import image_config, to_device
 from mage.trainer.distributed import DistInfo
 
 
-def image_feature_scores(model, batch: dict, center: torch.Tensor | None) -> list[float]:
-    """cosine(generated features, target features) x 100 per output image, both centred on ``center``."""
+def image_features(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generated, target) features (M, Q, D), float32, one output image per example."""
     targets = batch.get("target_images")
     if targets is None or targets.shape[0] != len(batch["example_ids"]):
         raise ValueError("image-output test records need their target image for the feature score (the real "
                          "Flickr30k test set has captions only: score it with a CLIP text-image model instead)")
-    generated = model.generate_image_features(batch)
-    return feature_cosine_score(generated, model.encode_image_features(targets), center).tolist()
+    return model.generate_image_features(batch).float(), model.encode_image_features(targets).float()
 
 
-def _loader(model, records: list[Record], cfg, info: DistInfo):
-    """This rank's share of ``records`` (indices into them) and a prompt-only loader over it."""
-    mine = list(range(info.rank, len(records), info.world_size))
-    shard = [records[i] for i in mine]
-    return mine, shard, build_dataloader(shard, model.tokenizer, image_config(model), cfg.batch_size,
-                                         mode="generate", shuffle=False)
-
-
-@torch.no_grad()
-def _target_feature_mean(model, records: list[Record], cfg, info: DistInfo) -> torch.Tensor:
-    """Mean target feature (Q, D) over the whole test set (all ranks): the centre of the feature score."""
-    total, count = None, torch.zeros((), device=info.device)
-    for batch in _loader(model, records, cfg, info)[2]:
-        targets = batch.get("target_images")
-        if targets is None or targets.shape[0] == 0:
-            continue
-        features = model.encode_image_features(targets.to(info.device)).float()
-        total = features.sum(0) if total is None else total + features.sum(0)
-        count += features.shape[0]
-    if total is None:  # this rank got no examples: still take part in the reduction
-        q, d = model.num_image_tokens, model.output_resampler.embed_dim
-        total = torch.zeros(q, d, device=info.device)
-    if info.distributed:
+def centred_feature_scores(generated: list[torch.Tensor], targets: list[torch.Tensor], model,
+                           info: DistInfo) -> list[float]:
+    """cosine x 100 per image, both sides centred on the mean target feature of the whole test set (all ranks)."""
+    q, d = model.num_image_tokens, model.output_resampler.embed_dim
+    total = sum((t.sum(0) for t in targets), torch.zeros(q, d, device=info.device))
+    count = torch.tensor(float(sum(t.shape[0] for t in targets)), device=info.device)
+    if info.distributed:  # every rank takes part, also one whose share is empty
         dist.all_reduce(total)
         dist.all_reduce(count)
-    return total / count.clamp(min=1)
+    if not targets:
+        return []
+    center = total / count.clamp(min=1)
+    return feature_cosine_score(torch.cat(generated), torch.cat(targets), center).tolist()
 
 
 @torch.no_grad()
 def _evaluate_task(model, task: TaskSpec, records: list[Record], cfg, info: DistInfo, bf16: bool):
     """(index, prediction text or image score) for this rank's share of ``records``."""
-    center = _target_feature_mean(model, records, cfg, info) if task.output != "text" else None
-    mine, shard, loader = _loader(model, records, cfg, info)
-    out, start = [], 0
+    mine = list(range(info.rank, len(records), info.world_size))
+    shard = [records[i] for i in mine]
+    loader = build_dataloader(shard, model.tokenizer, image_config(model), cfg.batch_size, mode="generate",
+                              shuffle=False) if shard else []
+    texts, generated, targets = [], [], []
     for batch in loader:
-        recs = shard[start:start + len(batch["example_ids"])]
-        idx = mine[start:start + len(recs)]
-        start += len(recs)
         batch = to_device(batch, info.device)
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
             if task.output == "text":
-                out += list(zip(idx, model.generate_text(batch, cfg.max_new_tokens)))
+                texts += model.generate_text(batch, cfg.max_new_tokens)
             else:
-                out += list(zip(idx, image_feature_scores(model, batch, center)))
-    return out
+                g, t = image_features(model, batch)
+                generated.append(g)
+                targets.append(t)
+    if task.output == "text":
+        return list(zip(mine, texts))
+    return list(zip(mine, centred_feature_scores(generated, targets, model, info)))
 
 
 def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo, bf16: bool,
