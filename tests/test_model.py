@@ -27,7 +27,7 @@ def batch_of(model, kinds, seed=0, padding="right", **kwargs) -> dict:
 def test_tiny_config_sizes(model):
     config = model.config
     assert config.num_image_tokens == 16 and config.vision.num_patches == 64
-    assert model.visual_encoder(torch.zeros(2, 3, 112, 112)).shape == (2, 64, 128)
+    assert model.visual_encoder(torch.zeros(2, 3, 112, 112)).shape == (2, 64, config.vision.output_dim)
     assert model.llm.config.vocab_size == len(model.tokenizer)
     assert model.llm.config._attn_implementation == "sdpa"
     assert not model.llm.config.tie_word_embeddings
@@ -91,8 +91,8 @@ def test_losses_match_an_independent_computation(model):
                     output_hidden_states=True)
     torch.testing.assert_close(out.lm_loss, ref.loss, atol=ATOL, rtol=0)
     hidden = ref.hidden_states[-1][batch["output_image_mask"]].view(1, 16, -1)
-    features = model.visual_encoder(batch["target_images"])  # (1, 64, 128)
-    target = features.view(1, 16, 4, 128).mean(dim=2)  # 4 consecutive tokens -> 1
+    features = model.visual_encoder(batch["target_images"])  # (1, 64, output_dim)
+    target = features.view(1, 16, 4, -1).mean(dim=2)  # 4 consecutive tokens -> 1
     expected = F.mse_loss(model.output_resampler(hidden), target)
     torch.testing.assert_close(out.rec_loss, expected, atol=ATOL, rtol=0)
 
@@ -228,8 +228,9 @@ def test_meta_build_has_the_real_sizes():
 
 def test_config_validation_names_the_mismatch():
     config = get_config("tiny")
-    bad = config.replace(output_resampler=config.output_resampler.__class__(grid_size=3, embed_dim=128,
-                                                                            num_heads=4, kv_dim=64))
+    out = config.output_resampler
+    bad = config.replace(output_resampler=out.__class__(grid_size=3, embed_dim=out.embed_dim, num_heads=4,
+                                                        kv_dim=out.kv_dim))
     with pytest.raises(ValueError, match="queries"):
         bad.validate()
     with pytest.raises(ValueError, match="unknown model preset"):

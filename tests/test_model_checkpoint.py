@@ -1,6 +1,8 @@
 """Loading SEED-X weights laid out as the real release: agent file, HF LLaMA dir, ViT state dict."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -97,16 +99,17 @@ def test_missing_agent_key_is_named(source, tmp_path):
 
 def test_unexpected_and_mis_shaped_agent_keys_are_named(source, tmp_path):
     state = _agent_state(source)
-    state["patch_pos_embed"] = torch.zeros(4, 65)
+    width = source.patch_pos_embed.shape[1]
+    state["patch_pos_embed"] = torch.zeros(4, width + 1)
     state["output_resampler.extra"] = torch.zeros(3)
     torch.save(state, tmp_path / "agent.bin")
     with pytest.raises(CheckpointError) as error:
         load_agent(source, tmp_path / "agent.bin")
     message = str(error.value)
     assert "unexpected keys: output_resampler.extra" in message
-    assert "patch_pos_embed: checkpoint (4, 65) vs model (4, 64)" in message
+    assert f"patch_pos_embed: checkpoint (4, {width + 1}) vs model (4, {width})" in message
     # nothing was loaded: the check runs before any copy
-    assert source.patch_pos_embed.shape == (4, 64)
+    assert source.patch_pos_embed.shape == (4, width)
 
 
 def test_llm_dir_problems_are_named(source, tmp_path):
@@ -134,7 +137,7 @@ def test_llm_dir_shape_mismatch_is_named(source, tmp_path):
 def test_llm_config_mismatch_is_named(source, tmp_path):
     torch.manual_seed(0)
     other = build_model("tiny", config=source.config.replace(
-        llm=source.config.llm.__class__(hidden_size=64, intermediate_size=172, num_layers=3, num_heads=4)))
+        llm=dataclasses.replace(source.config.llm, num_layers=3)))
     other.llm.save_pretrained(tmp_path / "llm")
     with pytest.raises(CheckpointError, match="num_hidden_layers: 3"):
         load_llm(source, tmp_path / "llm")

@@ -95,3 +95,38 @@ def pretrain_examples(n: int, seed: int, image_cfg: ImageConfig) -> list[Example
                            output_image=target is not None, views=views, positions=positions,
                            target=None if target is None else target_view(target, image_cfg)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- vision stage
+# Dense labels of one image for the ViT's own pretraining stage (as SEED-X's ViT was pretrained before
+# the multimodal stage): per 3x3 cell its colour and shape (0 = empty), the object class, up to two
+# digits and the text colour (0 = none).
+VISION_HEADS = {"cell_color": (9, 1 + len(vocab.COLORS)), "cell_shape": (9, 1 + len(vocab.SHAPES)),
+                "cls": (1, 1 + len(vocab.CLASSES)), "digits": (2, 11), "text_color": (1, 1 + len(vocab.COLORS))}
+_COLOR_ID = {c: i + 1 for i, c in enumerate(vocab.COLORS)}
+
+
+def vision_example(rng: random.Random, size: int):
+    """(image, labels) with labels {head: list of class ids}, for `VISION_HEADS`."""
+    labels = {"cell_color": [0] * 9, "cell_shape": [0] * 9, "cls": [0], "digits": [10, 10], "text_color": [0]}
+    kind = rng.choices(("scene", "object", "digits"), weights=(3, 1, 1))[0]
+    if kind == "scene":
+        objs = _scene_objs(rng, size) if rng.random() < 0.7 else \
+            [(rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)),
+              *_position_xy(rng, size, rng.choice(vocab.CELL_NAMES)), size // 7)]
+        for s, c, x, y, _ in objs:
+            cell = vocab.CELL_NAMES.index(cell_name(x, y, size))
+            labels["cell_color"][cell], labels["cell_shape"][cell] = _COLOR_ID[c], 1 + vocab.SHAPES.index(s)
+        return _render(objs, size), labels
+    if kind == "object":
+        cls = rng.choice(vocab.CLASSES)
+        img, d = canvas(size)
+        c, j = size // 2, size // 16
+        draw_class(d, cls, vocab.CLASS_COLORS[cls], c + rng.randint(-j, j), c + rng.randint(-j, j),
+                   rng.randint(size * 3 // 10, size // 3), rng)
+        labels["cls"] = [1 + vocab.CLASSES.index(cls)]
+        return img, labels
+    text, color = random_number(rng), rng.choice(tuple(vocab.COLORS))
+    labels["digits"] = [int(text[0]), int(text[1]) if len(text) > 1 else 10]
+    labels["text_color"] = [_COLOR_ID[color]]
+    return draw_number(rng, size, text, color), labels

@@ -127,9 +127,10 @@ def tiny_config() -> SeedXConfig:
     return SeedXConfig(
         name="tiny",
         vision=VisionConfig(image_size=112, patch_size=14, width=64, layers=2, heads=4, mlp_dim=256,
-                            num_queries=64, output_dim=128, pos_embed_rows=16),
-        input_resampler=ResamplerConfig(grid_size=4, embed_dim=128, num_heads=4, kv_dim=128),
-        output_resampler=ResamplerConfig(grid_size=4, embed_dim=128, num_heads=4, kv_dim=128),
+                            num_queries=64, output_dim=96, pos_embed_rows=16),
+        # ViT width 96 != LLM width 128, so both resamplers have their kv projection, as in SEED-X.
+        input_resampler=ResamplerConfig(grid_size=4, embed_dim=128, num_heads=4, kv_dim=96),
+        output_resampler=ResamplerConfig(grid_size=4, embed_dim=96, num_heads=4, kv_dim=128),
         llm=LLMConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, vocab_size=None),
     )
 

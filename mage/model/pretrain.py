@@ -27,7 +27,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from mage.data.collate import collate
 from mage.data.images import ImageConfig
-from mage.data.pretrain_mix import SKILL_WEIGHTS, SKILLS, pretrain_examples
+from mage.data.pretrain_mix import SKILL_WEIGHTS, SKILLS, VISION_HEADS, pretrain_examples
 from mage.model.build import build_model
 from mage.model.config import get_config
 
@@ -39,10 +39,13 @@ RECIPE_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    steps: int = 1200
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 60
+    vision_steps: int = 600             # stage 1: the ViT alone, dense labels (VISION_HEADS)
+    vision_batch_size: int = 32
+    vision_lr: float = 2e-3
+    steps: int = 2500                   # stage 2: the whole model on the mixture, ViT frozen
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     min_lr_ratio: float = 0.05
 
@@ -50,7 +53,7 @@ class PretrainConfig:
 def base_key(cfg: PretrainConfig, tokenizer) -> str:
     """What the base depends on: the model sizes, the vocabulary, the mixture and the recipe."""
     blob = json.dumps({"model": dataclasses.asdict(get_config("tiny")), "vocab": sorted(tokenizer.get_vocab().items()),
-                       "skills": [SKILLS, SKILL_WEIGHTS], "pretrain": dataclasses.asdict(cfg),
+                       "skills": [SKILLS, SKILL_WEIGHTS, VISION_HEADS], "pretrain": dataclasses.asdict(cfg),
                        "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -66,25 +69,73 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _adamw(params: list[torch.nn.Parameter], cfg: PretrainConfig, lr: float) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def pretrain_vision_(model, cfg: PretrainConfig, progress: bool = True) -> None:
+    """Stage 1: the ViT learns to see the mini world from dense labels (a linear head on its output tokens,
+    discarded afterwards), as a real ViT is pretrained before the multimodal stage."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from mage.data.images import to_tensor
+    from mage.data.pretrain_mix import VISION_HEADS, vision_example
+
+    vit, size = model.visual_encoder, model.config.vision.image_size
+    vis = model.config.vision
+    head = torch.nn.Linear(vis.num_queries * vis.output_dim, sum(n * k for n, k in VISION_HEADS.values()))
+    for p in vit.parameters():
+        p.requires_grad_(True)
+    vit.train()
+    params = list(vit.parameters()) + list(head.parameters())
+    opt = _adamw(params, cfg, cfg.vision_lr)
+    stage = dataclasses.replace(cfg, steps=cfg.vision_steps, lr=cfg.vision_lr)
+    rng = random.Random(f"vision-{cfg.seed}")
+    bar = tqdm(total=cfg.vision_steps, desc="pretraining the tiny ViT", disable=not progress, unit="step")
+    for step in range(cfg.vision_steps):
+        examples = [vision_example(rng, size) for _ in range(cfg.vision_batch_size)]
+        images = torch.stack([to_tensor(img, size) for img, _ in examples])
+        logits = head(vit(images).flatten(1))
+        loss, offset = 0.0, 0
+        for name, (n, k) in VISION_HEADS.items():
+            part = logits[:, offset:offset + n * k].reshape(-1, n, k)
+            target = torch.tensor([lab[name] for _, lab in examples])
+            loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
+            offset += n * k
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, stage)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")  # .item() on logging steps only
+    bar.close()
+    vit.requires_grad_(False).eval()
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, log_every: int = 100) -> Path:
-    """Train the whole tiny model on the mixture and write it atomically; returns the file."""
+    """Stage 1 (the ViT) then stage 2 (the whole model but the ViT, on the mixture); writes the base atomically."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     model = build_model("tiny")
     tokenizer, image_cfg = model.tokenizer, ImageConfig.tiny()
     key = base_key(cfg, tokenizer)
-    model.vision_trainable = True
-    for p in model.parameters():
+    t0 = time.time()
+    pretrain_vision_(model, cfg, progress)
+    params = [p for n, p in model.named_parameters() if not n.startswith("visual_encoder.")]
+    for p in params:
         p.requires_grad_(True)
     model.train()
-    model.visual_encoder.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = _adamw(params, cfg, cfg.lr)
     bar = tqdm(total=cfg.steps, desc="pretraining the tiny base", disable=not progress, unit="step")
-    t0 = time.time()
     for step in range(cfg.steps):
         examples = pretrain_examples(cfg.batch_size, cfg.seed * 1_000_003 + step, image_cfg)
         batch = collate(examples, tokenizer, image_cfg, mode="train")
@@ -92,7 +143,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, log_ev
             g["lr"] = _lr_at(step, cfg)
         out_ = model(batch)
         out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)
@@ -100,7 +151,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, log_ev
             # .item() on logging steps only
             bar.set_postfix(lm=f"{out_.lm_loss.item():.3f}", rec=f"{out_.rec_loss.item():.3f}")
     bar.close()
-    model.vision_trainable = False
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / file_name(cfg.seed)
@@ -157,12 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     d = PretrainConfig()
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vision-steps", type=int, default=d.vision_steps)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = dataclasses.replace(d, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr)
+    cfg = dataclasses.replace(d, seed=a.seed, vision_steps=a.vision_steps, steps=a.steps, batch_size=a.batch_size,
+                              lr=a.lr)
     path = pretrain(cfg, a.out, progress=not a.no_progress)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     print(f"wrote {path} (key {file_key(path)}, sha256 {digest})")

@@ -1,0 +1,91 @@
+"""The tiny base: pretraining is deterministic, the committed base matches the code, the trainer loads it."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mage.data import vocab
+from mage.data.images import ImageConfig
+from mage.data.pretrain_mix import SKILLS, draw_skill, pretrain_examples
+from mage.model import build_model
+from mage.model.pretrain import (REPO_ASSETS, PretrainConfig, base_key, file_key, file_name, load_base_, pretrain,
+                                 resolve_base)
+
+TINY = PretrainConfig(seed=3, vision_steps=2, vision_batch_size=4, steps=2, batch_size=4, warmup_steps=1)
+
+
+def test_mixture_is_deterministic_and_never_a_task_prompt():
+    a = pretrain_examples(40, 5, ImageConfig.tiny())
+    b = pretrain_examples(40, 5, ImageConfig.tiny())
+    assert [e.turns for e in a] == [e.turns for e in b]
+    assert all(torch.equal(x.views, y.views) for x, y in zip(a, b) if x.views is not None)
+    task_prompts = {vocab.OCR_QUESTION, vocab.OCR_COLOR_QUESTION, vocab.CLASSIFY_QUESTION, vocab.GENERATE_INSTRUCTION}
+    task_prompts |= {q.split("{")[0] for q in vocab.VQA_QUESTIONS.values()}
+    for e in pretrain_examples(300, 0, ImageConfig.tiny()):
+        instruction = e.turns[0][0]
+        assert instruction not in task_prompts
+        assert not any(instruction.startswith(p) for p in task_prompts if p)
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_every_skill_draws(skill):
+    import random
+    instruction, answer, image, target = draw_skill(random.Random(0), skill, 112)
+    assert instruction and (answer or target is not None)
+
+
+def test_pretrain_is_deterministic_and_loads(tmp_path):
+    p1 = pretrain(TINY, tmp_path / "a", progress=False)
+    p2 = pretrain(TINY, tmp_path / "b", progress=False)
+    s1, s2 = load_file(str(p1)), load_file(str(p2))
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    fresh = build_model("tiny")
+    load_base_(fresh, p1)
+    assert all(torch.equal(v, s1[k]) for k, v in fresh.state_dict().items())
+    # The ViT trained too: its weights moved from the seed's initial ones.
+    torch.manual_seed(TINY.seed)
+    initial = build_model("tiny").state_dict()
+    vit = [k for k in s1 if k.startswith("visual_encoder.") and s1[k].ndim >= 2]
+    assert vit and any(not torch.equal(s1[k], initial[k]) for k in vit)
+
+
+def test_base_of_another_model_is_refused(tmp_path):
+    path = pretrain(TINY, tmp_path, progress=False)
+    state = load_file(str(path))
+    state.pop(next(iter(state)))
+    from safetensors.torch import save_file
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match="not a base of this model"):
+        load_base_(build_model("tiny"), tmp_path / "broken.safetensors")
+
+
+def test_resolve_base_uses_cache_with_matching_key_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAGE_CACHE", str(tmp_path))
+    monkeypatch.setattr("mage.model.pretrain.PretrainConfig", lambda seed: dataclasses.replace(TINY, seed=seed))
+    with pytest.raises(FileNotFoundError, match="python -m mage.model.pretrain"):
+        resolve_base(7, build=False)
+    built = resolve_base(7, progress=False)
+    assert built.parent == tmp_path and resolve_base(7, build=False) == built
+    # A file whose key does not match (other sizes, vocabulary or recipe) is not used.
+    from safetensors.torch import save_file
+    save_file(load_file(str(built)), str(built), metadata={"key": "stale"})
+    with pytest.raises(FileNotFoundError):
+        resolve_base(7, build=False)
+
+
+def test_committed_base_matches_the_code():
+    """A change to the tiny model, its vocabulary or the mixture must come with a rebuilt assets/ file."""
+    path = REPO_ASSETS / file_name(0)
+    assert path.is_file(), f"{path} is missing: python -m mage.model.pretrain --out assets --seed 0"
+    tokenizer = build_model("tiny").tokenizer
+    assert file_key(path) == base_key(PretrainConfig(seed=0), tokenizer), (
+        "assets/tiny-base-seed0.safetensors is stale: rebuild it with python -m mage.model.pretrain --out assets "
+        "--seed 0 and update its sha256 in docs/RESULTS.md")
+    load_base_(build_model("tiny"), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    from pathlib import Path
+    assert digest in (Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md").read_text()
