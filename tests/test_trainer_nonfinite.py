@@ -124,3 +124,46 @@ def test_negative_limit_is_a_config_error():
 
     with pytest.raises(ConfigError, match="max_nonfinite_steps must be >= 0"):
         load_config("mini", {"train.max_nonfinite_steps": "-1"})
+
+
+@pytest.mark.gpu
+def test_the_check_is_the_steps_only_host_sync():
+    """On CUDA: ``step_is_finite`` syncs once; clipping, the optimizer step and a skip add none."""
+    import warnings
+
+    from mage.methods import build_method
+    from mage.trainer.config import MethodConfig, OptimConfig, TrainConfig
+    from mage.trainer.distributed import DistInfo
+    from tests.test_methods import text_batch, tiny_model
+
+    device = torch.device("cuda")
+    model = tiny_model(seed=0).to(device)
+    method = build_method("mage", MethodConfig(), model)
+    method.on_task_start((0, 1, 2))
+    engine = DDPEngine(model, method.param_groups(0.05), OptimConfig(), TrainConfig(grad_accum=1), 4,
+                       DistInfo(0, 1, 0, device))
+
+    def syncs(fn):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return result, sum("synchroniz" in str(w.message) for w in caught)
+
+    for kind in ("finite", "nan"):
+        method.before_backward(2, 1)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in text_batch(model, 2, seed=1).items()}
+        loss = engine.forward(batch).loss
+        loss = loss * float("nan") if kind == "nan" else loss
+        engine.backward(loss, True)
+        finite, n = syncs(lambda: engine.step_is_finite(loss.detach()))
+        assert finite == (kind == "finite") and n == 1
+        if finite:
+            _, n = syncs(lambda: (engine.clip(), engine.step()))
+        else:
+            _, n = syncs(engine.skip_step)
+        assert n == 0

@@ -61,7 +61,7 @@ class DDPEngine:
         self.accumulation = train_cfg.grad_accum
         self.max_norm = optim_cfg.grad_clip
         self.params = [p for g in param_groups for p in g["params"]]
-        self.info_device = info.device
+        self.device = info.device
         self._grad_norm: torch.Tensor | None = None  # set by step_is_finite, used by clip
         if info.distributed:
             # The Fisher buffers are per-rank partial sums (the method all-reduces them after each step):
@@ -108,7 +108,7 @@ class DDPEngine:
 
     def clip(self) -> torch.Tensor | None:
         """Clip to ``optim.grad_clip`` with the norm ``step_is_finite`` computed; returns that (unclipped) norm."""
-        norm = self._grad_norm if self._grad_norm is not None else _total_grad_norm(self.params, self.info_device)
+        norm = self._grad_norm if self._grad_norm is not None else _total_grad_norm(self.params, self.device)
         if self.max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_norm, norm, foreach=True)
         self._grad_norm = None

@@ -297,8 +297,9 @@ class SequenceTrainer:
             raise NonFiniteStepsError(
                 f"task {k + 1} ({self.tasks[k].name}) had {p.nonfinite} steps with a non-finite loss or gradient "
                 f"(the last at step {step}), more than train.max_nonfinite_steps={limit}: training has diverged. "
-                "Lower optim.lr, check the data of this task, or run with train.bf16=false; restarting the same "
-                "command resumes from the last checkpoint.")
+                "Check this task's data, or lower optim.lr and start a new run (--run.out_dir); to go on past "
+                "these steps, rerun the same command with a higher train.max_nonfinite_steps (it resumes from "
+                "the last checkpoint).")
 
     def _maybe_crash(self, k: int, step: int) -> None:
         if self._crash_at == f"{k + 1}:{step}":
