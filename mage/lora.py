@@ -150,13 +150,15 @@ class MultiLoRALinear(nn.Module):
         c = self.example_scale if track else None
         fisher = (self.fisher_A, self.fisher_B) if track else (None, None)
         fn = self._function(x)
-        weight, bias = self.base.weight, self.base.bias
-        if fn is not multi_lora_linear_eager and x.is_cuda and torch.is_autocast_enabled("cuda"):
-            # The fused op runs outside autocast's op table: cast as autocast would cast F.linear.
-            dtype = torch.get_autocast_dtype("cuda")
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        y = fn(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p, seed, self.grad_rows(), *fisher, c)
+        weight, bias, lora_A, lora_B = self.base.weight, self.base.bias, self.lora_A, self.lora_B
+        # One compute dtype for the op, as autocast would pick for F.linear: the fused op runs outside
+        # autocast's op table, and the eager backward outside CPU autocast. The trainer holds A and B in fp32
+        # over bf16 base weights (fp32 master weights); their gradients return through the casts in fp32.
+        dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                 else x.dtype)
+        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        y = fn(x, weight, bias, lora_A, lora_B, self.scaling, p, seed, self.grad_rows(), *fisher, c)
         if track and y.requires_grad:
             n = x.shape[0] if c is None else (c != 0).sum()
             y = _CountExamples.apply(y, self.fisher_count, n)

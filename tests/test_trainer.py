@@ -176,7 +176,7 @@ def test_presets_and_overrides():
     assert (paper.optim.lr, paper.optim.betas, paper.optim.eps, paper.optim.weight_decay) == (1e-4, (0.9, 0.98), 1e-6, 0.05)
     assert (paper.optim.warmup_steps, paper.optim.min_lr_ratio, paper.optim.grad_clip) == (125, 0.05, 1.0)
     assert (paper.train.batch_size, paper.train.grad_accum, paper.train.steps_per_task) == (16, 2, 3001)
-    assert (paper.train.engine, paper.train.zero_stage, paper.train.bf16) == ("deepspeed", 1, "true")
+    assert (paper.train.engine, paper.train.zero_stage, paper.train.bf16) == ("ddp", 1, "true")
     hq = paper.for_task("hqedit")
     assert (hq.train.batch_size, hq.train.steps_per_task, hq.optim.warmup_steps) == (6, 10001, 250)
     assert paper.for_task("vqav2").train.batch_size == 16

@@ -5,7 +5,8 @@ A method owns the choice of trainable parameters and whatever state it keeps acr
 
     on_task_start(groups) -> param_groups()
     -> [per micro-batch: before_backward(n, accum), loss + loss_penalty() -> backward]
-    -> [per step: before_clip(grad_of) -> optimizer step -> after_optimizer_step()]
+    -> [per step: before_clip(grad_of) -> optimizer step -> after_optimizer_step(),
+        or discard_step() when the step's loss or gradient is not finite]
     -> on_task_end() -> on_task_end_data(batches, loss_of)
 """
 from __future__ import annotations
@@ -135,6 +136,12 @@ class ContinualMethod:
 
     def after_optimizer_step(self) -> None:
         pass
+
+    def discard_step(self) -> None:
+        """Called instead of ``before_clip`` and ``after_optimizer_step`` when the trainer skips a step (its loss
+        or gradient was not finite): drop what this step's backward accumulated, keep all other state."""
+        for m in self.modules:
+            m.reset_fisher()
 
     def on_task_end(self) -> None:
         pass

@@ -104,6 +104,9 @@ class TrainConfig:
     engine: str = "ddp"                 # ddp | deepspeed (GPU only)
     zero_stage: int = 1                 # DeepSpeed ZeRO stage (1 or 2)
     find_unused_parameters: bool = False
+    # A step whose loss or gradient is not finite is skipped (docs/TRAINING.md "Non-finite steps"); the run
+    # stops with an error once a task has skipped more than this many (0: stop at the first).
+    max_nonfinite_steps: int = 10
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ SECTIONS: dict[str, type] = {
 # Fields that may change between a run and its resumption: they do not change what is computed.
 RESUME_FREE_FIELDS = frozenset({
     "data.root", "data.num_workers", "data.generate_mini", "train.device", "run.out_dir", "run.checkpoint_every",
-    "run.log_every", "run.progress", "run.tensorboard",
+    "run.log_every", "run.progress", "run.tensorboard", "train.max_nonfinite_steps",
 })
 
 
@@ -333,6 +336,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.engine in ("ddp", "deepspeed"), f"train.engine must be 'ddp' or 'deepspeed', got {cfg.train.engine!r}"),
         (cfg.train.zero_stage in (1, 2), f"train.zero_stage must be 1 or 2, got {cfg.train.zero_stage}"),
         (cfg.train.bf16 in ("auto", "true", "false"), f"train.bf16 must be auto|true|false, got {cfg.train.bf16!r}"),
+        (cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0 (0 = stop at the first)"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),

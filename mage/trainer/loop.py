@@ -21,15 +21,15 @@ import torch.distributed as dist
 from mage.eval.metrics import error_type_forgetting
 from mage.lora import iter_multi_lora, wrap_llama_lora
 from mage.methods import ContinualMethod, build_method
+from mage.methods.base import lora_group_params
 from mage.model import build_model
 from mage.model.checkpoint import load_seed_x
 from mage.model.pretrain import load_base_, resolve_base
-from mage.trainer.checkpoint import (CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint,
-                                     serialize_state, write_bytes_atomic)
+from mage.trainer.checkpoint import CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint
 from mage.trainer.config import Config, config_differences, save_config
 from mage.trainer.data import TrainStream, check_task_overrides, prepare_data, resolve_tasks, to_device
 from mage.trainer.distributed import DistInfo, barrier
-from mage.trainer.engine import DDPEngine, build_engine, check_engine
+from mage.trainer.engine import DDPEngine, build_engine, check_engine, prune_engine_shards, trainables_to_fp32_
 from mage.trainer.evaluate import evaluate_tasks
 from mage.trainer.logging import RunLogger
 from mage.trainer.report import compute_metrics, format_matrix, format_metrics, write_reports
@@ -37,6 +37,10 @@ from mage.trainer.report import compute_metrics, format_matrix, format_metrics, 
 # Test hook: "TASK:STEP" (1-based task, optimizer steps done) -> SIGKILL this process right after that
 # step's mid-task checkpoint logic, as an abrupt crash would.
 CRASH_ENV = "MAGE_CRASH_AT"
+
+
+class NonFiniteStepsError(RuntimeError):
+    """More steps of a task had a non-finite loss or gradient than ``train.max_nonfinite_steps`` allows."""
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Progress:
     zero_shot: list[float] | None = None
     rows: list[list[float]] = field(default_factory=list)
     labels: dict[str, list[str]] = field(default_factory=dict)   # "j,i" -> per-example error labels
+    nonfinite: int = 0                 # steps of the current task skipped for a non-finite loss or gradient
 
     def error_labels(self) -> dict[tuple[int, int], list[str]]:
         return {tuple(int(x) for x in k.split(",")): v for k, v in self.labels.items()}
@@ -145,6 +150,8 @@ class SequenceTrainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_trainable_model(cfg, info.device)
         self.method = build_method(cfg.method.name, cfg.method, self.model)
+        # fp32 master weights in the model itself (mage/trainer/engine.py): bf16 only for the frozen weights.
+        trainables_to_fp32_(p for _, p in [*lora_group_params(self.model), *self.method.extras])
         self.log = RunLogger(self.run_dir, [t.name for t in self.tasks], cfg.run, info.is_main)
         self.progress = Progress()
         self.resume_state: dict | None = None
@@ -162,28 +169,22 @@ class SequenceTrainer:
         sharded = engine is not None and engine.sharded_state
         if sharded:  # ZeRO: each rank owns a partition of the optimizer state
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.ckpt_dir / f"{tag}.engine.rank{self.info.rank}.pt",
-                               serialize_state(engine.state_dict()))
+            engine.save_sharded(self.ckpt_dir, tag)
             barrier()
         if self.info.is_main:
             p = self.progress
             state = {
                 "format": 1, "config": self.cfg.flat(), "world_size": self.info.world_size,
                 "task": p.task, "step": p.step, "zero_shot": p.zero_shot, "rows": p.rows, "labels": p.labels,
+                "nonfinite": p.nonfinite,
                 "rng": rngs,
                 "engine": None if engine is None else ("per-rank" if sharded else engine.state_dict()),
                 "stream": stream.state_dict() if stream is not None else None,
             }
             save_checkpoint(self.ckpt_dir, tag, tensors, state)
             prune_mid_task(self.ckpt_dir, tag)
+            prune_engine_shards(self.ckpt_dir, tag if sharded else None)
         barrier()
-
-    def _engine_state(self, state: dict) -> dict:
-        if state["engine"] != "per-rank":
-            return state["engine"]
-        tag = read_latest(self.ckpt_dir)["tag"]
-        return torch.load(self.ckpt_dir / f"{tag}.engine.rank{self.info.rank}.pt", map_location="cpu",
-                          weights_only=True)
 
     def _restore(self) -> None:
         loaded = load_checkpoint(self.ckpt_dir)
@@ -202,7 +203,7 @@ class SequenceTrainer:
                 f"has {self.info.world_size}; the data shards and RNG streams depend on it. Resume with "
                 f"--nproc-per-node/--nnodes giving {state['world_size']} processes, or use another --run.out_dir.")
         self.progress = Progress(task=state["task"], step=state["step"], zero_shot=state["zero_shot"],
-                                 rows=state["rows"], labels=state["labels"])
+                                 rows=state["rows"], labels=state["labels"], nonfinite=state.get("nonfinite", 0))
         # Every LoRA group, the non-LoRA trainables and the Fisher buffers.
         with torch.no_grad():
             for k, t in model_tensors(self.model, self.method).items():
@@ -237,7 +238,7 @@ class SequenceTrainer:
         self.method.steps_in_task = total
         self.method.on_task_start(task.lora_groups)
         engine = build_engine(self.model, self.method.param_groups(cfg.optim.weight_decay), cfg.optim, cfg.train,
-                              total, self.info, self.bf16)
+                              total, self.info)
         stream = TrainStream(task, self.data_root, self.model, batch_size=cfg.train.batch_size,
                              seed=cfg.train.seed, rank=self.info.rank, world_size=self.info.world_size,
                              num_workers=cfg.data.num_workers)
@@ -245,7 +246,10 @@ class SequenceTrainer:
         if resume is not None and resume["state"]["task"] == k:
             st = resume["state"]
             self.method.load_state_dict(resume["method"])
-            engine.load_state_dict(self._engine_state(st))
+            if st["engine"] == "per-rank":
+                engine.load_sharded(self.ckpt_dir, read_latest(self.ckpt_dir)["tag"])
+            else:
+                engine.load_state_dict(st["engine"])
             stream.load_state_dict(st["stream"])
             set_rng_state(st["rng"][self.info.rank])
         else:
@@ -267,10 +271,14 @@ class SequenceTrainer:
                     penalty = self.method.loss_penalty()  # e.g. EWC's, on the live parameters
                     engine.backward(out.loss if penalty is None else out.loss + penalty, last)
                 loss_sum += out.loss.detach()
-            self.method.before_clip(engine.grad_of)
-            grad_norm = engine.clip()
-            engine.step()
-            self.method.after_optimizer_step()
+            if engine.step_is_finite(loss_sum):  # the step's one host sync (see the engine)
+                self.method.before_clip(engine.grad_of)
+                grad_norm = engine.clip()
+                engine.step()
+                self.method.after_optimizer_step()
+            else:
+                grad_norm = None
+                self._skip_nonfinite_step(k, step + 1, engine, cfg.train.max_nonfinite_steps)
             self.progress.step = step + 1
             if self.log.wants(step + 1, total):
                 # .item() syncs the device: only on logging steps.
@@ -296,6 +304,22 @@ class SequenceTrainer:
         self.method.on_task_end_data(
             lambda n: (to_device(stream.next_batch(), self.info.device) for _ in range(-(-n // per_rank))), loss_of)
 
+    def _skip_nonfinite_step(self, k: int, step: int, engine: DDPEngine, limit: int) -> None:
+        """Optimizer, EMA, Fisher and method state stay as before the step; its data is consumed."""
+        engine.skip_step()
+        self.method.discard_step()
+        p = self.progress
+        p.nonfinite += 1
+        self.log.message(f"task {k + 1} ({self.tasks[k].name}) step {step}: non-finite loss or gradient, step skipped "
+                         f"({p.nonfinite} in this task; train.max_nonfinite_steps={limit})")
+        if p.nonfinite > limit:
+            raise NonFiniteStepsError(
+                f"task {k + 1} ({self.tasks[k].name}) had {p.nonfinite} steps with a non-finite loss or gradient "
+                f"(the last at step {step}), more than train.max_nonfinite_steps={limit}: training has diverged. "
+                "Check this task's data, or lower optim.lr and start a new run (--run.out_dir); to go on past "
+                "these steps, rerun the same command with a higher train.max_nonfinite_steps (it resumes from "
+                "the last checkpoint).")
+
     def _maybe_crash(self, k: int, step: int) -> None:
         if self._crash_at == f"{k + 1}:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -316,7 +340,7 @@ class SequenceTrainer:
         for k in range(p.task, len(self.tasks)):
             self._train_task(k)
             p.rows.append(self._evaluate_row(k + 1))
-            p.task, p.step = k + 1, 0
+            p.task, p.step, p.nonfinite = k + 1, 0, 0
             self._save(f"task{k + 1:02d}_end", None, None)
             self._write_reports()
             seq_bar.update(1)
