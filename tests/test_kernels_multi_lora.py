@@ -47,9 +47,10 @@ def group_rows(groups) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def poison_kernel_buffers(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN (-1 for masks): unwritten entries show up."""
+    """Every buffer the launchers allocate starts as NaN (all bits set for masks): unwritten entries show up."""
     def poisoned(*shape, dtype, device):
-        return torch.full(shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else (255 if dtype == torch.uint8 else -1)
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(lora_triton, "_alloc", poisoned)
 
