@@ -329,8 +329,7 @@ def test_kernel_suite_in_fresh_process():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
-def test_benchmark_runs_on_cpu():
-    """The benchmark must never be broken: one tiny pass of every provider (no CSV written)."""
+def _load_benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -338,5 +337,36 @@ def test_benchmark_runs_on_cpu():
     spec = importlib.util.spec_from_file_location("bench_lora4", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    providers = ["base", "peft4", "eager"] + (["fused"] if KERNELS_RUNNABLE else [])
-    bench.main(["--cpu", "--no-csv", "--reps", "2", "--tokens", "32", "--modes", "fwdbwd", "--providers", *providers])
+    return bench
+
+
+def test_benchmark_runs_on_cpu():
+    """The benchmark must never be broken: one tiny pass of every provider and the breakdown (no CSV)."""
+    bench = _load_benchmark()
+    providers = ["base", "cublas", "peft4", "eager"] + (["fused"] if KERNELS_RUNNABLE else [])
+    bench.main(["--cpu", "--no-csv", "--reps", "2", "--tokens", "32", "--modes", "fwdbwd", "--providers", *providers]
+               + (["--profile"] if KERNELS_RUNNABLE else []))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_benchmark_cublas_provider_computes_the_same_thing(p):
+    """The cuBLAS-only provider is a correct implementation (else its time would mean nothing)."""
+    from mage.lora_function import multi_lora_linear_eager
+
+    bench = _load_benchmark()
+    case = make_case(3, 4, 20, 28, torch.float32, seed=4)
+    rows = group_rows((0, 2))
+    got = run_fused(case, 0.7, 0.0, 0, rows, None, fn=lambda x, w, b, a, bm, s, p_, seed, r, fa, fb, c:
+                    bench.CublasLoRA.apply(x, w, b, a, bm, s, 0.0, r, fa, fb))
+    want = run_fused(case, 0.7, 0.0, 0, rows, None, fn=multi_lora_linear_eager)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+    if p:  # with dropout, W = 0: dx is zero exactly where x was dropped, and y used that same mask
+        x = case["x"].clone().requires_grad_()
+        fa, fb = torch.zeros(R, 20), torch.zeros(28, R)
+        y = bench.CublasLoRA.apply(x, torch.zeros_like(case["w"]), None, case["a"], case["bm"], 0.7, p, rows, fa, fb)
+        y.backward(case["dy"])
+        keep = x.grad != 0
+        assert abs((~keep).float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+        want_y = 0.7 * ((case["x"] * keep / (1 - p)) @ case["a"].t()) @ case["bm"].t()
+        torch.testing.assert_close(y.detach(), want_y, rtol=1e-5, atol=1e-6)
