@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from kernels.lora_triton import keep_mask, lora_down, lora_up_add_, per_example_grads
+from kernels.varlen import check_cu_seqlens
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,19 +39,6 @@ def dropout_keep_mask(num_rows: int, width: int, p: float, seed: int, device: to
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
     return keep_mask(num_rows, width, p, int(seed), torch.device(device))
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, who: str) -> int:
-    """Validate example boundaries of a packed batch; returns the number of examples."""
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{who}: cu_seqlens must be a 1-D int32 tensor of B + 1 example boundaries "
-                         f"(as FlashAttention varlen), got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device.type == "cpu":
-        # Value checks need the data on the host: free on CPU, a sync per call on CUDA, so only here.
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != num_tokens or (cu_seqlens.diff() < 0).any():
-            raise ValueError(f"{who}: cu_seqlens must start at 0, never decrease and end at the number of "
-                             f"tokens ({num_tokens}), got {cu_seqlens.tolist()}")
-    return cu_seqlens.numel() - 1
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
