@@ -249,13 +249,15 @@ def base_kernels(n, k, m, e, mode):
 
 
 def fused_kernels(n, k, m, e, mode, p=DROPOUT):
+    """The fused path's launches. The LoRA output term is written first and the base GEMM adds into it
+    with beta = 1: that GEMM also reads its C (counted), hidden behind its FLOPs when compute-bound."""
     bits = n * k // 8 if p > 0 else 0
     fwd = [("lora_down drop(x) A^T", n * k * e + R * k * e + 4 * n * R + bits, 2 * n * k * R),
-           ("base_gemm x W^T", (n * k + k * m + n * m) * e, 2 * n * k * m),
-           ("lora_up_add y += s h B^T", 2 * n * m * e + 4 * n * R + m * R * e, 2 * n * m * R)]
+           ("lora_up y = b + s h B^T", n * m * e + 4 * n * R + m * R * e, 2 * n * m * R),
+           ("base_gemm y += x W^T", (n * k + k * m + 2 * n * m) * e, 2 * n * k * m)]
     bwd = [("lora_down g = dy B", n * m * e + m * R * e + 4 * n * R, 2 * n * m * R),
-           ("base_gemm dy W", (n * m + m * k + n * k) * e, 2 * n * k * m),
-           ("lora_up_add dx += s g A * keep", 2 * n * k * e + bits + 4 * n * R + k * R * e, 2 * n * k * R),
+           ("lora_up dx = s g A * keep", n * k * e + bits + 4 * n * R + k * R * e, 2 * n * k * R),
+           ("base_gemm dx += dy W", (n * m + m * k + 2 * n * k) * e, 2 * n * k * m),
            ("per_example dB + Fisher", n * m * e + 4 * n * R, 4 * n * m * R_TRAINED),
            ("per_example dA + Fisher", n * k * e + bits + 4 * n * R, 4 * n * k * R_TRAINED)]
     return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
@@ -300,16 +302,16 @@ def profile_fused(layer: Layer, device: torch.device, reps: int, bandwidth: floa
     lora_b = torch.cat(layer.b_groups, dim=1).detach()
     h, mask = kt.lora_down(x2, lora_a, DROPOUT, layer.seed)
     g, _ = kt.lora_down(dy2, lora_b.t())
-    y = torch.addmm(layer.bias, x2, layer.weight.t())
-    dx = dy2 @ layer.weight
+    y = torch.empty(x2.shape[0], dy2.shape[1], device=device, dtype=x2.dtype)
+    dx = torch.empty_like(x2)
     rows, t = layer.grad_rows, layer.seq
     s_x = SCALING / (1 - DROPOUT)
     calls = [lambda: kt.lora_down(x2, lora_a, DROPOUT, layer.seed),
-             lambda: torch.addmm(layer.bias, x2, layer.weight.t()),
-             lambda: kt.lora_up_add_(y, h, lora_b, SCALING),
+             lambda: kt.lora_up_(y, h, lora_b, SCALING, bias=layer.bias, accumulate=False),
+             lambda: y.addmm_(x2, layer.weight.t()),
              lambda: kt.lora_down(dy2, lora_b.t()),
-             lambda: dy2 @ layer.weight,
-             lambda: kt.lora_up_add_(dx, g, lora_a.t(), s_x, mask),
+             lambda: kt.lora_up_(dx, g, lora_a.t(), s_x, mask, accumulate=False),
+             lambda: dx.addmm_(dy2, layer.weight),
              lambda: kt.per_example_grads(dy2, h, rows, None, t, SCALING, True),
              lambda: kt.per_example_grads(x2, g, rows, None, t, s_x, True, mask=mask)]
     n, k = x2.shape

@@ -5,8 +5,8 @@
 
 Which launches: the fused op's forward and backward are run on ``meta`` tensors at LLaMA-2-13B shapes
 (4 groups x rank 8, three groups trained) with every option a caller can set (dropout on/off, Fisher
-on/off, 3-D batches, 2-D one-token batches, packed ``cu_seqlens`` batches, float32 adapters on a 16-bit
-model) and one token count per shape class of ``kernels.lora_configs``; each ``Launch`` is recorded
+on/off, with/without bias, 3-D batches, 2-D one-token batches, packed ``cu_seqlens`` batches, float32
+adapters on a 16-bit model, and the accumulating form of the up-projection) and one token count per shape class of ``kernels.lora_configs``; each ``Launch`` is recorded
 instead of run, and its pointers and strides are specialised by Triton's own rules (a stride of 1
 becomes a constant, multiples of 16 get divisibility hints; sizes stay general i32). So what is
 compiled is what the launchers pick.
@@ -73,7 +73,7 @@ def _record_launches(dtype: torch.dtype) -> list:
             layouts = {"batch": (tokens // seq, seq, D_IN), "tokens": (tokens, D_IN), "packed": (tokens, D_IN)}
             for layout, shape in layouts.items():
                 for p in (0.0, 0.05):
-                    for fisher in (True, False):
+                    for fisher, with_bias in ((True, True), (False, False)):
                         for adapter_dtype in {dtype, torch.float32}:
                             x = torch.empty(shape, device=meta, dtype=dtype, requires_grad=True)
                             w = torch.empty(D_OUT, D_IN, device=meta, dtype=dtype)
@@ -86,8 +86,12 @@ def _record_launches(dtype: torch.dtype) -> list:
                             fa = torch.empty(a.shape, device=meta) if fisher else None
                             fb = torch.empty(b.shape, device=meta) if fisher else None
                             c = torch.empty(examples, device=meta) if fisher else None
-                            y = multi_lora_linear_triton(x, w, None, a, b, 0.5, p, 1, rows, fa, fb, c, cu)
+                            bias = torch.empty(D_OUT, device=meta, dtype=dtype) if with_bias else None
+                            y = multi_lora_linear_triton(x, w, bias, a, b, 0.5, p, 1, rows, fa, fb, c, cu)
                             y.backward(torch.empty_like(y))
+        h = torch.empty(token_counts[-1], GROUPS * RANK, device=meta)
+        out = torch.empty(token_counts[-1], D_OUT, device=meta, dtype=dtype)
+        launches.append(lora_triton.plan_lora_up(out, h, b, 0.5, None, None, True))  # the accumulate form
         launches.append(lora_triton.plan_keep_mask(
             torch.empty(token_counts[-1], D_IN // 8, device=meta, dtype=torch.uint8), D_IN, 0.05, 1))
     return launches
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=int, nargs="+", default=[90, 80], help="compute capabilities")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
-    parser.add_argument("--kernels", nargs="+", help="only these (lora_down, lora_up_add, per_example_grad, keep_mask)")
+    parser.add_argument("--kernels", nargs="+", help="only these (lora_down, lora_up, per_example_grad, keep_mask)")
     parser.add_argument("--verbose", action="store_true", help="one line per variant")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

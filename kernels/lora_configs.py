@@ -26,8 +26,8 @@ CONFIGS: dict[str, list[tuple[int | None, dict]]] = {
         (MEDIUM, dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)),
         (None, dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)),
     ],
-    # out += s h B^T (* keep): a pure streaming pass over out; the dot has K = R.
-    "lora_up_add": [
+    # out (+)= s h B^T (* keep): a pure streaming pass over out; the dot has K = R.
+    "lora_up": [
         (SMALL, dict(BLOCK_N=32, BLOCK_M=64, num_warps=4, num_stages=2)),
         (None, dict(BLOCK_N=64, BLOCK_M=128, num_warps=8, num_stages=2)),
     ],
@@ -44,7 +44,7 @@ CONFIGS: dict[str, list[tuple[int | None, dict]]] = {
 # smaller tiles to stay in registers. Kernels not listed use CONFIGS.
 FLOAT32_CONFIGS: dict[str, list[tuple[int | None, dict]]] = {
     "lora_down": [(None, dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2))],
-    "lora_up_add": [(None, dict(BLOCK_N=32, BLOCK_M=64, num_warps=4, num_stages=2))],
+    "lora_up": [(None, dict(BLOCK_N=32, BLOCK_M=64, num_warps=4, num_stages=2))],
     "per_example_grad": [(None, dict(BLOCK_D=32, BLOCK_T=16, num_warps=4, num_stages=1))],
 }
 

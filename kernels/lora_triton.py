@@ -165,12 +165,17 @@ def _lora_down_kernel(x_ptr, w_ptr, h_ptr, mask_ptr,
 
 
 @triton.jit
-def _lora_up_add_kernel(out_ptr, h_ptr, w_ptr, mask_ptr,
-                        stride_on, stride_hn, stride_wm, stride_wr, stride_mn,
-                        scale, N, M, R,
-                        HAS_MASK: tl.constexpr, NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[n, m] += scale * sum_r h[n, r] w[m, r] (* keep bit (n, m)), in place; out rows contiguous."""
+def _lora_up_kernel(out_ptr, h_ptr, w_ptr, mask_ptr, bias_ptr,
+                    stride_on, stride_hn, stride_wm, stride_wr, stride_mn,
+                    scale, N, M, R,
+                    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[n, m] (+)= bias[m] + scale * sum_r h[n, r] w[m, r] (* keep bit (n, m)); out rows contiguous.
+
+    ACCUMULATE reads out and adds to it (in place); otherwise out is only written, which is how the
+    LoRA term is placed before a cuBLAS GEMM that adds the base product with beta = 1.
+    """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col0 = tl.program_id(1) * BLOCK_M
     cols = col0 + tl.arange(0, BLOCK_M)
@@ -179,7 +184,6 @@ def _lora_up_add_kernel(out_ptr, h_ptr, w_ptr, mask_ptr,
     rows64 = rows.to(tl.int64)
     out_ptrs = out_ptr + rows64[:, None] * stride_on + cols[None, :]
     inside = row_in[:, None] & col_in[None, :]
-    out = tl.load(out_ptrs, mask=inside, other=0.0)
     h = tl.load(h_ptr + rows64[:, None] * stride_hn + ranks[None, :], mask=row_in[:, None] & rank_in[None, :],
                 other=0.0)
     # Loaded in w's own (M, R) orientation and transposed in registers: loading the (R, M) tile of a
@@ -187,7 +191,8 @@ def _lora_up_add_kernel(out_ptr, h_ptr, w_ptr, mask_ptr,
     w = tl.load(w_ptr + cols[:, None] * stride_wm + ranks[None, :] * stride_wr,
                 mask=col_in[:, None] & rank_in[None, :], other=0.0)
     if NATIVE_DOT:
-        delta = tl.dot(h.to(out.dtype), tl.trans(w.to(out.dtype)))
+        out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+        delta = tl.dot(h.to(out_dtype), tl.trans(w.to(out_dtype)))
     else:
         delta = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
     delta = delta * scale
@@ -196,7 +201,11 @@ def _lora_up_add_kernel(out_ptr, h_ptr, w_ptr, mask_ptr,
         packed = tl.load(mask_ptr + rows64[:, None] * stride_mn + byte_cols[None, :],
                          mask=row_in[:, None] & (byte_cols < (M + 7) // 8)[None, :], other=0)
         delta = tl.where(_unpack_bits(packed, BLOCK_N, BLOCK_M), delta, 0.0)
-    tl.store(out_ptrs, (out.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=inside)
+    if HAS_BIAS:
+        delta += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    if ACCUMULATE:
+        delta += tl.load(out_ptrs, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, delta.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -325,17 +334,19 @@ def plan_lora_down(x: torch.Tensor, w_rk: torch.Tensor, h: torch.Tensor, mask: t
     return Launch(_lora_down_kernel, (triton.cdiv(n, config["BLOCK_N"]),), args, constexprs, warps, stages)
 
 
-def plan_lora_up_add(out: torch.Tensor, h: torch.Tensor, w_mr: torch.Tensor, scale: float,
-                     mask: torch.Tensor | None) -> Launch:
+def plan_lora_up(out: torch.Tensor, h: torch.Tensor, w_mr: torch.Tensor, scale: float, mask: torch.Tensor | None,
+                 bias: torch.Tensor | None, accumulate: bool) -> Launch:
     n, m = out.shape
     r = h.shape[1]
-    config, warps, stages = _split_config(pick("lora_up_add", n, out.dtype == torch.float32))
+    config, warps, stages = _split_config(pick("lora_up", n, out.dtype == torch.float32))
     args = dict(out_ptr=out, h_ptr=h, w_ptr=w_mr, mask_ptr=mask if mask is not None else h,
+                bias_ptr=bias if bias is not None else h,
                 stride_on=out.stride(0), stride_hn=h.stride(0), stride_wm=w_mr.stride(0), stride_wr=w_mr.stride(1),
                 stride_mn=mask.stride(0) if mask is not None else 0, scale=scale, N=n, M=m, R=r)
-    constexprs = dict(HAS_MASK=mask is not None, **dot_mode(out.dtype), **config, BLOCK_R=rank_block(r))
+    constexprs = dict(ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                      **dot_mode(out.dtype), **config, BLOCK_R=rank_block(r))
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-    return Launch(_lora_up_add_kernel, grid, args, constexprs, warps, stages)
+    return Launch(_lora_up_kernel, grid, args, constexprs, warps, stages)
 
 
 def plan_per_example_grads(u, v, rows, c, mask, cu_seqlens, grad, fisher, tokens_per_example: int,
@@ -389,14 +400,24 @@ def lora_down(x: torch.Tensor, w_rk: torch.Tensor, p: float = 0.0,
     return h, mask
 
 
-def lora_up_add_(out: torch.Tensor, h: torch.Tensor, w_mr: torch.Tensor, scale: float,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """out (N, M) += scale * (h @ w_mr^T) [* keep bits], in place; w_mr any (M, R) view."""
+def lora_up_(out: torch.Tensor, h: torch.Tensor, w_mr: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
+    """out (N, M) = [out +] [bias +] scale * (h @ w_mr^T) [* keep bits], in place; w_mr any (M, R) view.
+
+    With accumulate=False out is write-only (its old contents are ignored), to be followed by a GEMM
+    that adds into it with beta = 1 (``out.addmm_(a, b)``).
+    """
     _rows_contiguous(out, "out")
     n, m = out.shape
-    if n == 0 or m == 0 or h.shape[1] == 0:
+    if n == 0 or m == 0:
         return out
-    plan_lora_up_add(out, h.contiguous(), w_mr, scale, mask)()
+    if h.shape[1] == 0:
+        if not accumulate:
+            out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+        elif bias is not None:
+            out.add_(bias)
+        return out
+    plan_lora_up(out, h.contiguous(), w_mr, scale, mask, bias, accumulate)()
     return out
 
 

@@ -5,11 +5,11 @@
 Same contract as the eager reference (docs/DESIGN.md, "LoRA"; kernel design in docs/KERNELS.md).
 Where the work goes:
 
-- forward: cuBLAS for x W^T + b; one Triton pass over x for h = drop(x) A^T that also draws the
-  dropout mask (the only draw) and stores it as bits; one Triton pass adding s h B^T into the base
-  output in place. Saved for backward: x, h (float32, N x R), the bit mask (N x d_in / 8 bytes).
-- backward: cuBLAS for dy W; a Triton pass for g = dy B; a Triton pass adding s (g A) * mask into dx
-  in place; for the rows in ``grad_rows`` only, one Triton pass over dy (for B) and one over x with
+- forward: one Triton pass over x for h = drop(x) A^T that also draws the dropout mask (the only
+  draw) and stores it as bits; one Triton pass writing y = b + s h B^T; cuBLAS adds x W^T into y with
+  beta = 1. Saved for backward: x, h (float32, N x R), the bit mask (N x d_in / 8 bytes).
+- backward: a Triton pass for g = dy B; a Triton pass writing dx = s (g A) * mask; cuBLAS adds dy W
+  into dx with beta = 1; for the rows in ``grad_rows`` only, one Triton pass over dy (for B) and one over x with
   the stored mask (for A) that cut the token contraction at example boundaries and produce both
   sum_n G_n (the gradient) and sum_n (c_n G_n)^2 (the Fisher) in float32.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_triton import keep_mask, lora_down, lora_up_add_, per_example_grads
+from kernels.lora_triton import keep_mask, lora_down, lora_up_, per_example_grads
 from kernels.varlen import check_cu_seqlens
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,8 +107,12 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         if x2.shape[1] > 1 and x2.stride(1) != 1:
             x2 = x2.contiguous()
         h, mask = lora_down(x2, lora_A, dropout_p, seed)  # h includes the 1 / (1 - p) of dropout
-        y2 = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        lora_up_add_(y2, h, lora_B, scaling)
+        # The LoRA term (and bias) is written first and the base GEMM adds into it with beta = 1: y is
+        # written once by Triton and read once inside the GEMM's epilogue, instead of a second pass that
+        # reads and rewrites it.
+        y2 = torch.empty(x2.shape[0], d_out, dtype=x2.dtype, device=x2.device)
+        lora_up_(y2, h, lora_B, scaling, bias=bias, accumulate=False)
+        y2.addmm_(x2, weight.t())
         ctx.save_for_backward(x2, h, mask, weight, lora_A, lora_B, grad_rows, example_scale, cu_seqlens)
         # Accumulators are written by backward; kept off saved_tensors so the version counter check
         # does not trip when one module runs twice before its backward.
@@ -139,9 +143,9 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
         dx = None
         if wants_x:
-            dx = torch.mm(dy2, weight)
-            lora_up_add_(dx, g, lora_A.t(), s_x, mask)
-            dx = dx.view(ctx.x_shape)
+            dx = torch.empty(dy2.shape[0], d_in, dtype=dy2.dtype, device=dy2.device)
+            lora_up_(dx, g, lora_A.t(), s_x, mask, accumulate=False)  # then dx += dy W with beta = 1
+            dx = dx.addmm_(dy2, weight).view(ctx.x_shape)
 
         dA = torch.zeros_like(lora_A) if wants_A else None
         dB = torch.zeros_like(lora_B) if wants_B else None

@@ -285,7 +285,7 @@ def test_dropout_over_several_blocks_in_both_dimensions(dtype, shape):
 
     batch, seq, d_in, d_out = shape
     tokens, f32 = batch * seq, dtype == torch.float32
-    down, up = pick("lora_down", tokens, f32), pick("lora_up_add", tokens, f32)
+    down, up = pick("lora_down", tokens, f32), pick("lora_up", tokens, f32)
     per_example = pick("per_example_grad", tokens, f32)
     assert tokens >= 2 * max(down["BLOCK_N"], up["BLOCK_N"]) and d_in >= 2 * down["BLOCK_K"]
     assert d_in >= 2 * up["BLOCK_M"] and d_out >= 2 * up["BLOCK_M"] and d_in >= 2 * per_example["BLOCK_D"]
@@ -322,6 +322,23 @@ def test_several_examples_per_split_and_long_token_loops():
 def test_large_float32_case_against_float64():
     check_against_reference(make_case(3, 64, 384, 320, torch.float32, seed=41), torch.float32, p=0.05, seed=8,
                             groups=(0, 1, 2))
+
+
+@needs_kernels
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_lora_up_writes_or_accumulates(accumulate):
+    g = torch.Generator().manual_seed(3)
+    out0, h = torch.randn(70, 150, generator=g), torch.randn(70, R, generator=g)
+    w, bias = torch.randn(150, R, generator=g), torch.randn(150, generator=g)
+    keep = torch.rand(70, 150, generator=g) > 0.3
+    packed = torch.zeros(70, (150 + 7) // 8, dtype=torch.uint8)
+    for j in range(150):
+        packed[:, j // 8] |= keep[:, j].to(torch.uint8) << (j % 8)
+    assert torch.equal(lora_triton.unpack_keep_bits(packed, 150), keep)
+    out = out0.clone().to(DEVICE)
+    lora_triton.lora_up_(out, h.to(DEVICE), w.to(DEVICE), 0.5, packed.to(DEVICE), bias.to(DEVICE), accumulate)
+    want = (0.5 * h.double() @ w.double().t()) * keep + bias.double() + (out0.double() if accumulate else 0)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 def pack(case, lengths):
