@@ -294,6 +294,16 @@ def test_dropout_over_several_blocks_in_both_dimensions(dtype, shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(2, 40, 24, 140), (7, None, 33, 19)], ids=["3d", "2d"])
+def test_native_16bit_dot_path_under_the_interpreter(monkeypatch, shape):
+    """The GPU's native-dtype dot branch (casts, transposes) run by the interpreter in fp16, whose dots
+    it computes correctly (bf16 it does not: that is the GPU test)."""
+    monkeypatch.setattr(lora_triton, "INTERPRETING", False)
+    assert lora_triton.dot_mode(torch.float16)["NATIVE_DOT"]
+    check_against_reference(make_case(*shape, torch.float16, seed=61), torch.float16, p=0.2, seed=3)
+
+
+@needs_kernels
 def test_keep_rate_and_lane_independence_on_many_draws():
     p, rows, width = 0.3, 400, 300  # 120 000 draws
     keep = dropout_keep_mask(rows, width, p, 2024, DEVICE).cpu()
