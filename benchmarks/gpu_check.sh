@@ -3,7 +3,7 @@
 #   1. the gpu-marked tests (bf16 kernels against the float64 reference, the CUDA PEMA op),
 #   2. bench_lora4.py (all providers, LLaMA-2-13B shapes) with its per-kernel breakdown (--profile),
 #   3. bench_pema.py and bench_step.py (8 decoder layers).
-# Each stage has its own time limit; results are appended to benchmarks/results/*.csv with the GPU's
+# Each stage has its own time limit (together 7.5 minutes); results are appended to benchmarks/results/*.csv with the GPU's
 # name, date and commit. Commit those rows.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from anywhere
@@ -37,9 +37,9 @@ else
         exit 2
     fi
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-    stage "gpu tests" 120 python -m pytest -q -m gpu tests -p no:cacheprovider
+    stage "gpu tests" 90 python -m pytest -q -m gpu tests -p no:cacheprovider
     stage "bench_lora4 + profile" 180 python benchmarks/bench_lora4.py --profile
     stage "bench_pema" 60 python benchmarks/bench_pema.py
-    stage "bench_step (8 layers)" 90 python benchmarks/bench_step.py --layers 8
+    stage "bench_step (8 layers)" 120 python benchmarks/bench_step.py --layers 8
 fi
 echo "gpu_check: all stages passed in $((SECONDS - start))s"
