@@ -15,13 +15,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, not an ins
 smoke=0
 [[ "${1:-}" == "--smoke" ]] && smoke=1
 start=$SECONDS
-stage() {  # stage NAME LIMIT_SECONDS CMD...
-    local name=$1 limit=$2
+failed=()
+stage() {  # stage NAME LIMIT_SECONDS CMD... ; a failing stage is reported, the next ones still run
+    local name=$1 limit=$2 rc=0
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout "$limit" "$@"
-    echo "== $name: done in $((SECONDS - t0))s"
+    timeout "$limit" "$@" || rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+    (( rc == 0 )) || failed+=("$name (exit $rc)")
 }
 
 if (( smoke )); then
@@ -41,5 +43,9 @@ else
     stage "bench_lora4 + profile" 180 python benchmarks/bench_lora4.py --profile
     stage "bench_pema" 60 python benchmarks/bench_pema.py
     stage "bench_step (8 layers)" 120 python benchmarks/bench_step.py --layers 8
+fi
+if (( ${#failed[@]} )); then
+    printf 'gpu_check: FAILED: %s\n' "${failed[@]}"
+    exit 1
 fi
 echo "gpu_check: all stages passed in $((SECONDS - start))s"
