@@ -18,6 +18,11 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BACKENDS = ("auto", "eager", "triton")
 
 
+def _graph_task_id() -> int:
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else -1
+
+
 class _CountExamples(torch.autograd.Function):
     """Identity whose backward adds the number of examples with c_n != 0 to the module's counter.
 
@@ -35,7 +40,8 @@ class _CountExamples(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         module = ctx.module
-        task = torch._C._current_graph_task_id()
+        # Private but stable since torch 2.1: the id of the running backward pass (-1 outside one).
+        task = _graph_task_id()
         if task != -1 and module._fisher_graph_task == task:
             raise RuntimeError(
                 f"MultiLoRALinear({module.extra_repr()}) ran more than once in one backward pass with "
