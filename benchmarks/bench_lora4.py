@@ -18,7 +18,8 @@ torch.autograd.grad, never accumulated into .grad, so no provider pays for an ex
 The model column: the bytes and FLOPs of each kernel a provider launches (docs/KERNELS.md), each
 kernel costing max(bytes / copy bandwidth, FLOPs / GEMM rate) at this device's MEASURED copy bandwidth
 and bf16 GEMM rate (both printed). It says how far each measured time is from what its own kernels
-could reach; "floor" is the fused design's minimum (two base GEMMs plus reading x and dy once more).
+could reach (base, cublas and fused; eager and peft4 are many small PyTorch ops, measured only);
+"floor" is the fused design's minimum (two base GEMMs plus reading x and dy once more).
 Rows (with the device's name) are appended to benchmarks/results/lora4.csv; --profile rows to
 benchmarks/results/lora4_profile.csv. CPU rows are smoke runs, not performance claims.
 """
@@ -370,15 +371,18 @@ def main(argv: list[str] | None = None) -> None:
                     fn = step(layer, name, table[name], mode)
                     median, p20, p80 = time_ms(fn, device, args.reps)
                     mem = peak_mb(fn, device)
+                    # eager and peft4 run many small PyTorch ops; they are measured, not modelled.
                     modelled = (model_ms(MODELS[name](tokens, d_in, d_out, e, mode), bandwidth, gemm_rate)
-                                if name in MODELS else float("nan"))
+                                if name in MODELS else None)
+                    model_text = f"{modelled:8.3f} ms" if modelled is not None else "     n/a   "
                     base_median = median if name == "base" else base_median
                     ratio = f"{median / base_median:6.2f}x base" if base_median else ""
                     print(f"  {name:6s} median {median:9.3f} ms  p20 {p20:9.3f}  p80 {p80:9.3f}  "
-                          f"peak {mem:9.1f} MB  model {modelled:8.3f} ms  {ratio}")
+                          f"peak {mem:9.1f} MB  model {model_text}  {ratio}")
                     rows.append(dict(common(d_in, d_out, tokens), provider=name, mode=mode,
                                      median_ms=f"{median:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
-                                     peak_mb=f"{mem:.1f}", model_ms=f"{modelled:.4f}"))
+                                     peak_mb=f"{mem:.1f}",
+                                     model_ms="" if modelled is None else f"{modelled:.4f}"))
                     del fn
             if args.profile:
                 print(f"{d_in}x{d_out} tokens={tokens}: fused fwd+bwd, one launch at a time")

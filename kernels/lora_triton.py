@@ -18,6 +18,7 @@ Each launcher builds a ``Launch`` (kernel, grid, arguments, constexprs, config) 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,10 @@ import triton.language as tl
 from kernels.lora_configs import pick
 
 _MIN_DOT = 16
-INTERPRETING = bool(triton.knobs.runtime.interpret)
+# triton.knobs exists from triton 3.4; older releases read the variable directly.
+_knobs = getattr(triton, "knobs", None)
+INTERPRETING = (bool(_knobs.runtime.interpret) if _knobs is not None
+                else os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
