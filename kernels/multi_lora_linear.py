@@ -2,15 +2,20 @@
 
     y = x W^T + b + s * (drop(x) A^T) B^T,   A: (R, d_in), B: (d_out, R)
 
-Same contract as the eager reference (docs/DESIGN.md, "LoRA"). Where the work goes:
+Same contract as the eager reference (docs/DESIGN.md, "LoRA"; kernel design in docs/KERNELS.md).
+Where the work goes:
 
-- forward: cuBLAS for x W^T + b; one Triton pass over x for h = drop(x) A^T (dropout drawn from
-  ``seed``, never stored); one Triton pass adding s h B^T into the base output in place.
-  Saved for backward: x, h (float32, N x R), not the dropped x nor the mask.
-- backward: cuBLAS for dy W; a Triton pass for g = dy B; a Triton pass adding s (g A) * mask into dx
-  in place (mask regenerated from ``seed``); for the rows in ``grad_rows`` only, one Triton pass
-  over dy (for B) and one over drop(x) (for A) that cut the token contraction at example boundaries
-  and produce both sum_n G_n (the gradient) and sum_n (c_n G_n)^2 (the Fisher) in float32.
+- forward: one Triton pass over x for h = drop(x) A^T that also draws the dropout mask (the only
+  draw) and stores it as bits; one Triton pass writing y = b + s h B^T; cuBLAS adds x W^T into y with
+  beta = 1. Saved for backward: x, h (float32, N x R), the bit mask (N x d_in / 8 bytes).
+- backward: a Triton pass for g = dy B; a Triton pass writing dx = s (g A) * mask; cuBLAS adds dy W
+  into dx with beta = 1; for the rows in ``grad_rows`` only, one Triton pass over dy (for B) and one over x with
+  the stored mask (for A) that cut the token contraction at example boundaries and produce both
+  sum_n G_n (the gradient) and sum_n (c_n G_n)^2 (the Fisher) in float32.
+
+Examples are the batch rows of a 3-D x, the tokens of a 2-D x, or, with ``cu_seqlens`` (int32, B + 1,
+as FlashAttention's varlen API), the segments cu_seqlens[n] .. cu_seqlens[n+1] - 1 of the flattened
+tokens of a packed batch.
 
 The inputs may be float32, float16 or bfloat16 (A and B may differ from x, e.g. float32 adapters on
 a bf16 model); W and b must match x. Kernels run on CUDA, or on CPU tensors under the Triton
@@ -20,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_triton import keep_mask, lora_down, lora_up_add_, per_example_grads
+from kernels.lora_triton import keep_mask, lora_down, lora_up_, per_example_grads
+from kernels.varlen import check_cu_seqlens
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,7 +42,7 @@ def dropout_keep_mask(num_rows: int, width: int, p: float, seed: int, device: to
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
-                  example_scale) -> None:
+                  example_scale, cu_seqlens) -> None:
     def fail(msg: str) -> None:
         raise ValueError(f"multi_lora_linear_triton: {msg}")
 
@@ -73,12 +79,14 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gra
             fail(f"fisher_A/fisher_B must have the shapes of lora_A {tuple(lora_A.shape)} / lora_B "
                  f"{tuple(lora_B.shape)}, got {tuple(fisher_A.shape)} / {tuple(fisher_B.shape)}")
     num_examples = x.shape[0]
+    if cu_seqlens is not None:
+        num_examples = check_cu_seqlens(cu_seqlens, x.numel() // max(d_in, 1), "multi_lora_linear_triton")
     if example_scale is not None:
         if example_scale.shape != (num_examples,) or not example_scale.is_floating_point():
             fail(f"example_scale must be a float tensor with one entry per example ({num_examples}), "
                  f"got {example_scale.dtype} of shape {tuple(example_scale.shape)}")
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B, "grad_rows": grad_rows,
-               "fisher_A": fisher_A, "fisher_B": fisher_B, "example_scale": example_scale}
+               "fisher_A": fisher_A, "fisher_B": fisher_B, "example_scale": example_scale, "cu_seqlens": cu_seqlens}
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             fail(f"{name} is on {t.device} but x is on {x.device}; move all inputs to one device")
@@ -93,60 +101,70 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
-                example_scale):
+                example_scale, cu_seqlens):
         d_out, d_in = weight.shape
         x2 = x.reshape(-1, d_in)
-        h = lora_down(x2, lora_A, dropout_p, seed)
-        y2 = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        lora_up_add_(y2, h, lora_B, scaling, 0.0, 0)
-        ctx.save_for_backward(x, h, weight, lora_A, lora_B, grad_rows, example_scale)
+        if x2.shape[1] > 1 and x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        h, mask = lora_down(x2, lora_A, dropout_p, seed)  # h includes the 1 / (1 - p) of dropout
+        # The LoRA term (and bias) is written first and the base GEMM adds into it with beta = 1: y is
+        # written once by Triton and read once inside the GEMM's epilogue, instead of a second pass that
+        # reads and rewrites it.
+        y2 = torch.empty(x2.shape[0], d_out, dtype=x2.dtype, device=x2.device)
+        lora_up_(y2, h, lora_B, scaling, bias=bias, accumulate=False)
+        y2.addmm_(x2, weight.t())
+        ctx.save_for_backward(x2, h, mask, weight, lora_A, lora_B, grad_rows, example_scale, cu_seqlens)
         # Accumulators are written by backward; kept off saved_tensors so the version counter check
         # does not trip when one module runs twice before its backward.
         ctx.fisher_A, ctx.fisher_B = fisher_A, fisher_B
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.x_shape = x.shape
+        ctx.tokens_per_example = x.shape[1] if x.dim() == 3 else 1
         return y2.view(*x.shape[:-1], d_out)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, h, weight, lora_A, lora_B, grad_rows, c = ctx.saved_tensors
-        grad_rows = grad_rows.contiguous()  # the kernel reads both with unit stride
-        c = c.contiguous() if c is not None else None
+        x2, h, mask, weight, lora_A, lora_B, grad_rows, c, cu_seqlens = ctx.saved_tensors
         fisher_A, fisher_B = ctx.fisher_A, ctx.fisher_B
-        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
+        s, p = ctx.scaling, ctx.dropout_p
         d_out, d_in = weight.shape
-        x2 = x.reshape(-1, d_in)
         dy2 = dy.reshape(-1, d_out)
-        if dy2.dtype != x.dtype:
-            dy2 = dy2.to(x.dtype)
+        if dy2.dtype != x2.dtype:
+            dy2 = dy2.to(x2.dtype)
+        if dy2.shape[1] > 1 and dy2.stride(1) != 1:
+            dy2 = dy2.contiguous()
         wants_x, wants_A, wants_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         with_fisher = fisher_A is not None
         weight_work = (wants_A or wants_B or with_fisher) and grad_rows.numel() > 0
-        g = lora_down(dy2, lora_B.t(), 0.0, 0) if (wants_x or weight_work) else None  # (N, R) = dy B
+        g = lora_down(dy2, lora_B.t())[0] if (wants_x or weight_work) else None  # (N, R) = dy B
+        # x's side of the LoRA product saw keep * x / (1 - p): the 1 / (1 - p) goes into the scale.
+        s_x = s / (1.0 - p)
 
         dx = None
         if wants_x:
-            dx = torch.mm(dy2, weight)
-            lora_up_add_(dx, g, lora_A.t(), s, p, seed)
-            dx = dx.view(x.shape)
+            dx = torch.empty(dy2.shape[0], d_in, dtype=dy2.dtype, device=dy2.device)
+            lora_up_(dx, g, lora_A.t(), s_x, mask, accumulate=False)  # then dx += dy W with beta = 1
+            dx = dx.addmm_(dy2, weight).view(ctx.x_shape)
 
         dA = torch.zeros_like(lora_A) if wants_A else None
         dB = torch.zeros_like(lora_B) if wants_B else None
         if weight_work:
-            tokens_per_example = x.shape[1] if x.dim() == 3 else 1
+            t = ctx.tokens_per_example
             if wants_B or with_fisher:
-                gB, fB = per_example_grads(dy2, h, grad_rows, c, tokens_per_example, s, 0.0, 0, with_fisher)
+                gB, fB = per_example_grads(dy2, h, grad_rows, c, t, s, with_fisher, cu_seqlens=cu_seqlens)
                 if wants_B:
                     dB[:, grad_rows] = gB.to(dB.dtype)
                 if with_fisher:
                     fisher_B.index_add_(1, grad_rows, fB)
             if wants_A or with_fisher:
-                gA, fA = per_example_grads(x2, g, grad_rows, c, tokens_per_example, s, p, seed, with_fisher)
+                gA, fA = per_example_grads(x2, g, grad_rows, c, t, s_x, with_fisher, mask=mask,
+                                           cu_seqlens=cu_seqlens)
                 if wants_A:
                     dA[grad_rows] = gA.t().to(dA.dtype)
                 if with_fisher:
                     fisher_A.index_add_(0, grad_rows, fA.t())
-        return dx, None, None, dA, dB, None, None, None, None, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None, None, None, None, None
 
 
 def multi_lora_linear_triton(
@@ -162,9 +180,10 @@ def multi_lora_linear_triton(
     fisher_A: torch.Tensor | None,
     fisher_B: torch.Tensor | None,
     example_scale: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused stacked LoRA linear with per-example Fisher (contract: docs/DESIGN.md, "LoRA")."""
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
-                  example_scale)
+                  example_scale, cu_seqlens)
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed,
-                                         grad_rows, fisher_A, fisher_B, example_scale)
+                                         grad_rows, fisher_A, fisher_B, example_scale, cu_seqlens)

@@ -18,21 +18,37 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BACKENDS = ("auto", "eager", "triton")
 
 
+def _graph_task_id() -> int:
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else -1
+
+
 class _CountExamples(torch.autograd.Function):
-    """Identity whose backward adds the number of examples with c_n != 0 to a counter.
+    """Identity whose backward adds the number of examples with c_n != 0 to the module's counter.
 
     Counting in backward (not forward) keeps the count right under gradient checkpointing, which runs
-    the forward twice, and for forwards that never reach backward (evaluation).
+    the forward twice, and for forwards that never reach backward (evaluation). It is also where a
+    module used twice in one graph shows: its per-example gradient is G1 + G2, but each use squares only
+    its own part (G1^2 + G2^2), so the Fisher would be silently wrong; that raises instead.
     """
 
     @staticmethod
-    def forward(ctx, y, count, num_examples):
-        ctx.count, ctx.num_examples = count, num_examples
+    def forward(ctx, y, module, num_examples):
+        ctx.module, ctx.num_examples = module, num_examples
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
-        ctx.count.add_(ctx.num_examples)
+        module = ctx.module
+        # Private but stable since torch 2.1: the id of the running backward pass (-1 outside one).
+        task = _graph_task_id()
+        if task != -1 and module._fisher_graph_task == task:
+            raise RuntimeError(
+                f"MultiLoRALinear({module.extra_repr()}) ran more than once in one backward pass with "
+                "track_fisher on: the per-example Fisher needs (G1 + G2)^2 but each use can only square its "
+                "own share (G1^2 + G2^2). Call the module once per step, or turn its track_fisher off.")
+        module._fisher_graph_task = task
+        module.fisher_count.add_(ctx.num_examples)
         return dy, None, None
 
 
@@ -83,6 +99,9 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("fisher_count", torch.zeros((), device=kw["device"], dtype=torch.float64))
         self.track_fisher = False
         self.example_scale: torch.Tensor | None = None
+        # Example boundaries of a packed batch (int32, B + 1, FlashAttention varlen); None: batch rows.
+        self.cu_seqlens: torch.Tensor | None = None
+        self._fisher_graph_task = -1
         self._trainable: tuple[int, ...] = tuple(range(num_groups))
         self._grad_rows: torch.Tensor | None = None
 
@@ -158,10 +177,12 @@ class MultiLoRALinear(nn.Module):
                  else x.dtype)
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        y = fn(x, weight, bias, lora_A, lora_B, self.scaling, p, seed, self.grad_rows(), *fisher, c)
+        varlen = {} if self.cu_seqlens is None else {"cu_seqlens": self.cu_seqlens}
+        y = fn(x, weight, bias, lora_A, lora_B, self.scaling, p, seed, self.grad_rows(), *fisher, c, **varlen)
         if track and y.requires_grad:
-            n = x.shape[0] if c is None else (c != 0).sum()
-            y = _CountExamples.apply(y, self.fisher_count, n)
+            examples = x.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+            n = examples if c is None else (c != 0).sum()
+            y = _CountExamples.apply(y, self, n)
         return y
 
     def extra_repr(self) -> str:
@@ -203,6 +224,12 @@ def set_example_scale(model: nn.Module, scale: torch.Tensor | None) -> None:
     """Per-example scale c_n for the Fisher of every MultiLoRALinear (None means 1)."""
     for _, m in iter_multi_lora(model):
         m.example_scale = scale
+
+
+def set_cu_seqlens(model: nn.Module, cu_seqlens: torch.Tensor | None) -> None:
+    """Example boundaries (int32, B + 1) of a packed batch for every MultiLoRALinear; None: batch rows."""
+    for _, m in iter_multi_lora(model):
+        m.cu_seqlens = cu_seqlens
 
 
 def set_track_fisher(model: nn.Module, on: bool) -> None:

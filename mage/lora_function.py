@@ -5,13 +5,17 @@
 Backward returns the batch gradient of A and B at ``grad_rows`` only (zeros elsewhere) and, when
 Fisher buffers are given, adds sum_n (c_n G_n)^2 to them, G_n being example n's own gradient. Both come
 from one batched contraction cut at example boundaries (einsum over tokens, batch dim kept): no loop
-over examples and no second backward. The fused Triton path in ``kernels.multi_lora_linear`` has the
+over examples and no second backward. Examples are the rows of a 3-D x, the tokens of a 2-D x, or,
+given ``cu_seqlens`` (int32, B + 1, as FlashAttention varlen), the segments of a packed batch's
+flattened tokens (scattered into a zero-padded (B, longest, d) view for the einsum). The fused Triton path in ``kernels.multi_lora_linear`` has the
 same signature and is tested against this one.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kernels.varlen import check_cu_seqlens
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -21,8 +25,24 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, d
     return keep.to(dtype) / (1.0 - p)
 
 
-def as_examples(t: torch.Tensor) -> torch.Tensor:
-    """(B, T, d) stays; (N, d) becomes (N, 1, d): N one-token examples."""
+def packed_to_padded(t: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Tokens (..., d) of a packed batch -> (B, longest, d), zero where an example is shorter."""
+    t2 = t.reshape(-1, t.shape[-1])
+    lengths = cu_seqlens.diff().long()
+    # .item(): the padded length is a shape; one host read per call of this reference path.
+    longest = int(lengths.max().item()) if lengths.numel() else 0
+    example = torch.repeat_interleave(torch.arange(lengths.numel(), device=t.device), lengths)
+    position = torch.arange(t2.shape[0], device=t.device) - cu_seqlens.long()[example]
+    padded = t2.new_zeros(lengths.numel(), longest, t2.shape[-1])
+    padded[example, position] = t2
+    return padded
+
+
+def as_examples(t: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, d) stays; (N, d) becomes (N, 1, d): N one-token examples; with cu_seqlens the packed
+    tokens become (B, longest, d)."""
+    if cu_seqlens is not None:
+        return packed_to_padded(t, cu_seqlens)
     if t.dim() == 3:
         return t
     if t.dim() == 2:
@@ -34,11 +54,11 @@ class MultiLoRALinearEager(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
-                example_scale):
+                example_scale, cu_seqlens):
         x_lora = x * dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else x
         h = x_lora @ lora_A.t()
         y = F.linear(x, weight, bias) + scaling * (h @ lora_B.t())
-        ctx.save_for_backward(x_lora, h, weight, lora_A, lora_B, grad_rows, example_scale)
+        ctx.save_for_backward(x_lora, h, weight, lora_A, lora_B, grad_rows, example_scale, cu_seqlens)
         # Accumulators are written by backward, so they ride on ctx rather than in saved tensors (whose
         # version check would fail when one module runs twice before its backward).
         ctx.fisher_A, ctx.fisher_B = fisher_A, fisher_B
@@ -49,7 +69,7 @@ class MultiLoRALinearEager(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x_lora, h, weight, lora_A, lora_B, grad_rows, c = ctx.saved_tensors
+        x_lora, h, weight, lora_A, lora_B, grad_rows, c, cu = ctx.saved_tensors
         fisher_A, fisher_B = ctx.fisher_A, ctx.fisher_B
         s = ctx.scaling
         dh = dy @ lora_B  # (..., R): gradient w.r.t. h / s
@@ -65,10 +85,10 @@ class MultiLoRALinearEager(torch.autograd.Function):
         if (wants_A or wants_B) and grad_rows.numel() > 0:
             # Per-example gradients, at least float32: G_B,n = s sum_t dy_t h_t^T, G_A,n = s sum_t dh_t x_t^T.
             acc = torch.promote_types(dy.dtype, torch.float32)
-            dy3 = as_examples(dy).to(acc)
-            h3 = as_examples(h).to(acc)[..., grad_rows]
-            dh3 = as_examples(dh).to(acc)[..., grad_rows]
-            x3 = as_examples(x_lora).to(acc)
+            dy3 = as_examples(dy, cu).to(acc)
+            h3 = as_examples(h, cu).to(acc)[..., grad_rows]
+            dh3 = as_examples(dh, cu).to(acc)[..., grad_rows]
+            x3 = as_examples(x_lora, cu).to(acc)
             gB_n = s * torch.einsum("bto,btr->bor", dy3, h3)
             gA_n = s * torch.einsum("btr,bti->bri", dh3, x3)
             if fisher_A is not None:
@@ -84,7 +104,7 @@ class MultiLoRALinearEager(torch.autograd.Function):
         elif wants_A or wants_B:
             dA = torch.zeros_like(lora_A) if wants_A else None
             dB = torch.zeros_like(lora_B) if wants_B else None
-        return dx, None, None, dA, dB, None, None, None, None, None, None, None
+        return dx, None, None, dA, dB, None, None, None, None, None, None, None, None
 
 
 def multi_lora_linear_eager(
@@ -100,14 +120,20 @@ def multi_lora_linear_eager(
     fisher_A: torch.Tensor | None,
     fisher_B: torch.Tensor | None,
     example_scale: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stacked LoRA linear with per-example Fisher (see the module docstring for the contract)."""
     if (fisher_A is None) != (fisher_B is None):
         raise ValueError("pass both fisher_A and fisher_B, or neither")
     if fisher_A is not None and (fisher_A.dtype != torch.float32 or fisher_B.dtype != torch.float32):
         raise TypeError("Fisher accumulators must be float32")
-    if example_scale is not None and example_scale.shape != (as_examples(x).shape[0],):
-        raise ValueError(f"example_scale must have one entry per example ({as_examples(x).shape[0]}), "
+    num_examples = x.shape[0] if x.dim() in (2, 3) else 0
+    if cu_seqlens is not None:
+        num_examples = check_cu_seqlens(cu_seqlens, x.numel() // max(x.shape[-1], 1), "multi_lora_linear_eager")
+    else:
+        as_examples(x)  # rejects other ranks with a clear message
+    if example_scale is not None and example_scale.shape != (num_examples,):
+        raise ValueError(f"example_scale must have one entry per example ({num_examples}), "
                          f"got shape {tuple(example_scale.shape)}")
     return MultiLoRALinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows,
-                                      fisher_A, fisher_B, example_scale)
+                                      fisher_A, fisher_B, example_scale, cu_seqlens)

@@ -47,9 +47,10 @@ def group_rows(groups) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def poison_kernel_buffers(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN (-1 for masks): unwritten entries show up."""
+    """Every buffer the launchers allocate starts as NaN (all bits set for masks): unwritten entries show up."""
     def poisoned(*shape, dtype, device):
-        return torch.full(shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else (255 if dtype == torch.uint8 else -1)
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(lora_triton, "_alloc", poisoned)
 
@@ -212,7 +213,7 @@ def recover_masks(d_in, p, seed):
 
 
 @needs_kernels
-def test_backward_regenerates_the_forward_dropout_mask():
+def test_backward_uses_the_forward_dropout_mask():
     p, seed, d_in = 0.25, 77, 21
     fwd_keep, bwd_keep, dx = recover_masks(d_in, p, seed)
     helper = dropout_keep_mask(fwd_keep.shape[0], d_in, p, seed, DEVICE)
@@ -271,13 +272,176 @@ def test_frozen_everything_does_no_weight_work():
     assert (a.grad == 0).all() and (fisher_a == 0).all() and (fisher_b == 0).all()
 
 
+# --- Tests sized to catch a wrong kernel: several blocks in every dimension, long loops, splits. ---
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, shape", [
+    (torch.float32, (3, 34, 140, 130)),  # fp32 blocks: down 32x32, up 32x64, per-example 32 wide x 16 tokens
+    (torch.float16, (2, 70, 300, 150)),  # 16-bit blocks: down 16x128 (3 column blocks), up 32x64, 64 x 32
+], ids=["fp32", "fp16"])
+def test_dropout_over_several_blocks_in_both_dimensions(dtype, shape):
+    from kernels.lora_configs import pick
+
+    batch, seq, d_in, d_out = shape
+    tokens, f32 = batch * seq, dtype == torch.float32
+    down, up = pick("lora_down", tokens, f32), pick("lora_up", tokens, f32)
+    per_example = pick("per_example_grad", tokens, f32)
+    assert tokens >= 2 * max(down["BLOCK_N"], up["BLOCK_N"]) and d_in >= 2 * down["BLOCK_K"]
+    assert d_in >= 2 * up["BLOCK_M"] and d_out >= 2 * up["BLOCK_M"] and d_in >= 2 * per_example["BLOCK_D"]
+    assert seq >= 2 * per_example["BLOCK_T"]
+    check_against_reference(make_case(*shape, dtype, seed=21), dtype, p=0.2, seed=4321, groups=(0, 2, 3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 40, 24, 140), (7, None, 33, 19)], ids=["3d", "2d"])
+def test_native_16bit_dot_path_under_the_interpreter(monkeypatch, shape):
+    """The GPU's native-dtype dot branch (casts, transposes) run by the interpreter in fp16, whose dots
+    it computes correctly (bf16 it does not: that is the GPU test)."""
+    monkeypatch.setattr(lora_triton, "INTERPRETING", False)
+    assert lora_triton.dot_mode(torch.float16)["NATIVE_DOT"]
+    check_against_reference(make_case(*shape, torch.float16, seed=61), torch.float16, p=0.2, seed=3)
+
+
+@needs_kernels
+def test_keep_rate_and_lane_independence_on_many_draws():
+    p, rows, width = 0.3, 400, 300  # 120 000 draws
+    keep = dropout_keep_mask(rows, width, p, 2024, DEVICE).cpu()
+    n = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # Each of the four Philox lanes, each byte position of the packed mask, and the first and last
+    # column blocks keep at the same rate (a wrong lane/bit/offset mapping would skew one of them).
+    for part in [keep[:, lane::4] for lane in range(4)] + [keep[:, bit::8] for bit in range(8)] + [
+            keep[:, :128], keep[:, 256:]]:
+        sd = math.sqrt(p * (1 - p) / part.numel())
+        assert abs(part.float().mean().item() - (1 - p)) < 5 * sd
+    # Neighbouring elements are independent: P(both kept) = (1-p)^2 within 5 sigma.
+    both = (keep[:, :-1] & keep[:, 1:]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / keep[:, 1:].numel())
+    assert not torch.equal(keep[:-1], keep[1:])
+
+
+@needs_kernels
+def test_several_examples_per_split_and_long_token_loops():
+    # 9 examples over at most 4 splits (3 per split) of 100 tokens each (7 token blocks of 16).
+    check_against_reference(make_case(9, 100, 24, 20, torch.float32, seed=31), torch.float32, p=0.1, seed=5)
+
+
+@needs_kernels
+def test_large_float32_case_against_float64():
+    check_against_reference(make_case(3, 64, 384, 320, torch.float32, seed=41), torch.float32, p=0.05, seed=8,
+                            groups=(0, 1, 2))
+
+
+@needs_kernels
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_lora_up_writes_or_accumulates(accumulate):
+    g = torch.Generator().manual_seed(3)
+    out0, h = torch.randn(70, 150, generator=g), torch.randn(70, R, generator=g)
+    w, bias = torch.randn(150, R, generator=g), torch.randn(150, generator=g)
+    keep = torch.rand(70, 150, generator=g) > 0.3
+    packed = torch.zeros(70, (150 + 7) // 8, dtype=torch.uint8)
+    for j in range(150):
+        packed[:, j // 8] |= keep[:, j].to(torch.uint8) << (j % 8)
+    assert torch.equal(lora_triton.unpack_keep_bits(packed, 150), keep)
+    out = out0.clone().to(DEVICE)
+    lora_triton.lora_up_(out, h.to(DEVICE), w.to(DEVICE), 0.5, packed.to(DEVICE), bias.to(DEVICE), accumulate)
+    want = (0.5 * h.double() @ w.double().t()) * keep + bias.double() + (out0.double() if accumulate else 0)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def pack(case, lengths):
+    """The packed (tokens, d) form of a padded case whose rows beyond each length are zero."""
+    example = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    position = torch.cat([torch.arange(n) for n in lengths])
+    for name in ("x", "dy"):
+        valid = torch.zeros(case[name].shape[:2], dtype=torch.bool)
+        valid[example, position] = True
+        case[name][~valid.to(DEVICE)] = 0
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEVICE)
+    return case["x"][example, position], case["dy"][example, position], cu, (example, position)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_packed_batch_with_cu_seqlens_matches_padded_reference(backend, p):
+    """Examples given by cu_seqlens (one token, several blocks, empty) get their own Fisher terms."""
+    from mage.lora_function import dropout_mask, multi_lora_linear_eager
+
+    lengths = [5, 1, 37, 0, 12]
+    case = make_case(len(lengths), max(lengths), 36, 28, torch.float32, seed=51)
+    x_packed, dy_packed, cu, where = pack(case, lengths)
+    rows, s, seed = group_rows((0, 1, 3)), 0.6, 77
+    x = x_packed.clone().requires_grad_()
+    a, bm = case["a"].clone().requires_grad_(), case["bm"].clone().requires_grad_()
+    fisher_a, fisher_b = torch.zeros(R, 36, device=DEVICE), torch.zeros(28, R, device=DEVICE)
+    fn = multi_lora_linear_triton if backend == "triton" else multi_lora_linear_eager
+    y = fn(x, case["w"], case["b"], a, bm, s, p, seed, rows.to(DEVICE), fisher_a, fisher_b, case["c"], cu)
+    y.backward(dy_packed)
+    if p == 0:
+        keep_packed = None
+    elif backend == "triton":
+        keep_packed = dropout_keep_mask(x.shape[0], 36, p, seed, DEVICE)
+    else:
+        keep_packed = dropout_mask(x.shape, p, seed, DEVICE, torch.float32) != 0
+    keep = None
+    if keep_packed is not None:
+        keep = torch.ones(case["x"].shape, dtype=torch.bool, device=DEVICE)
+        keep[where] = keep_packed
+    want = reference(case["x"], case["w"], case["b"], case["a"], case["bm"], case["dy"], s, keep, p, rows, case["c"])
+    bounds = tolerances(case, s, keep, p, rows, case["c"], torch.float32)
+    got = [y.detach(), x.grad, a.grad, bm.grad, fisher_a, fisher_b]
+    for i in (0, 1):  # y and dx: compare the real tokens only
+        want[i], bounds[i] = want[i][where], bounds[i][where]
+    for name, g, w, bnd in zip(NAMES, got, want, bounds):
+        assert_close(g, w, bnd, f"{name} packed ({backend}, p={p})")
+
+
+@needs_kernels
+def test_bad_cu_seqlens_get_clear_errors():
+    case = make_case(2, 3, 20, 24, torch.float32)
+    x2 = case["x"].reshape(-1, 20)
+    args = (x2, case["w"], case["b"], case["a"], case["bm"], 1.0, 0.0, 0, group_rows((0,)).to(DEVICE), None, None)
+    with pytest.raises(ValueError, match="1-D int32"):
+        multi_lora_linear_triton(*args, None, torch.tensor([0, 3, 6], device=DEVICE))
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="end at the number of tokens"):
+            multi_lora_linear_triton(*args, None, torch.tensor([0, 3, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="one entry per example"):
+        multi_lora_linear_triton(*args, torch.ones(3, device=DEVICE),
+                                 torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE))
+
+
+def _relative_errors(got, want):
+    return [((g.detach().double().cpu() - w).norm() / w.norm().clamp_min(1e-300)).item() for g, w in zip(got, want)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="bf16 tl.dot is wrong under the Triton interpreter; "
                                                   "this is the GPU test that covers bf16")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(v) for v in s))
-def test_bfloat16_on_gpu(shape):
-    check_against_reference(make_case(*shape, torch.bfloat16, seed=1), torch.bfloat16)
-    check_against_reference(make_case(*shape, torch.bfloat16, seed=2), torch.bfloat16, p=0.1, seed=99)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", SHAPES + [(4, 300, 512, 384)], ids=lambda s: "x".join(str(v) for v in s))
+def test_bfloat16_on_gpu(shape, p):
+    """bf16 within the elementwise bounds, and no worse than the fp32 path's measured error scaled by
+    eps(bf16) / eps(fp32) (the tolerance comes from the fp32 error, not from a fraction of the terms)."""
+    case16 = make_case(*shape, torch.bfloat16, seed=1)
+    got16 = check_against_reference(case16, torch.bfloat16, p=p, seed=99)
+    # The same (bf16-representable) inputs through the fp32 kernels: their error is the kernels' own.
+    case32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in case16.items()}
+    got32 = check_against_reference(case32, torch.float32, p=p, seed=99)
+    rows = group_rows(range(GROUPS))
+    keep = None
+    if p > 0:
+        keep = dropout_keep_mask(case16["x"].numel() // case16["x"].shape[-1], case16["x"].shape[-1], p, 99, DEVICE)
+    want = reference(case32["x"], case32["w"], case32["b"], case32["a"], case32["bm"], case32["dy"], 0.7, keep, p,
+                     rows, case32["c"])
+    ratio = EPS[torch.bfloat16] / EPS[torch.float32]
+    for name, e16, e32 in zip(NAMES, _relative_errors(got16, want), _relative_errors(got32, want)):
+        # y is rounded to bf16 once on output: its error floor is eps(bf16) / 2 whatever fp32 achieves.
+        allowed = 8 * ratio * max(e32, EPS[torch.float32]) + EPS[torch.bfloat16]
+        assert e16 <= allowed, f"{name}: bf16 relative error {e16:.3e} > {allowed:.3e} (fp32: {e32:.3e})"
 
 
 def _good_args():
@@ -328,8 +492,7 @@ def test_kernel_suite_in_fresh_process():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
-def test_benchmark_runs_on_cpu():
-    """The benchmark must never be broken: one tiny pass of every provider (no CSV written)."""
+def _load_benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -337,5 +500,36 @@ def test_benchmark_runs_on_cpu():
     spec = importlib.util.spec_from_file_location("bench_lora4", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    providers = ["base", "peft4", "eager"] + (["fused"] if KERNELS_RUNNABLE else [])
-    bench.main(["--cpu", "--no-csv", "--reps", "2", "--tokens", "32", "--modes", "fwdbwd", "--providers", *providers])
+    return bench
+
+
+def test_benchmark_runs_on_cpu():
+    """The benchmark must never be broken: one tiny pass of every provider and the breakdown (no CSV)."""
+    bench = _load_benchmark()
+    providers = ["base", "cublas", "peft4", "eager"] + (["fused"] if KERNELS_RUNNABLE else [])
+    bench.main(["--cpu", "--no-csv", "--reps", "2", "--tokens", "32", "--modes", "fwdbwd", "--providers", *providers]
+               + (["--profile"] if KERNELS_RUNNABLE else []))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_benchmark_cublas_provider_computes_the_same_thing(p):
+    """The cuBLAS-only provider is a correct implementation (else its time would mean nothing)."""
+    from mage.lora_function import multi_lora_linear_eager
+
+    bench = _load_benchmark()
+    case = make_case(3, 4, 20, 28, torch.float32, seed=4)
+    rows = group_rows((0, 2))
+    got = run_fused(case, 0.7, 0.0, 0, rows, None, fn=lambda x, w, b, a, bm, s, p_, seed, r, fa, fb, c:
+                    bench.CublasLoRA.apply(x, w, b, a, bm, s, 0.0, r, fa, fb))
+    want = run_fused(case, 0.7, 0.0, 0, rows, None, fn=multi_lora_linear_eager)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+    if p:  # with dropout, W = 0: dx is zero exactly where x was dropped, and y used that same mask
+        x = case["x"].clone().requires_grad_()
+        fa, fb = torch.zeros(R, 20), torch.zeros(28, R)
+        y = bench.CublasLoRA.apply(x, torch.zeros_like(case["w"]), None, case["a"], case["bm"], 0.7, p, rows, fa, fb)
+        y.backward(case["dy"])
+        keep = x.grad != 0
+        assert abs((~keep).float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+        want_y = 0.7 * ((case["x"] * keep / (1 - p)) @ case["a"].t()) @ case["bm"].t()
+        torch.testing.assert_close(y.detach(), want_y, rtol=1e-5, atol=1e-6)

@@ -78,8 +78,19 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
 
 
 def all_reduce_fisher_(modules: Sequence[MultiLoRALinear]) -> None:
-    """Sum every layer's Fisher sums and example counts over data-parallel ranks, in place."""
-    all_reduce_sum_([t for m in modules for t in (m.fisher_A, m.fisher_B)])
+    """Sum every layer's Fisher sums and example counts over data-parallel ranks, in place.
+
+    Only the rank rows of the trainable groups travel: backward adds Fisher terms nowhere else, so the
+    frozen rows are equal on every rank (a quarter of the bytes when three of four groups train).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rows = [m.grad_rows() for m in modules]
+    parts = [t for m, r in zip(modules, rows) for t in (m.fisher_A.index_select(0, r), m.fisher_B.index_select(1, r))]
+    all_reduce_sum_(parts)
+    for i, (m, r) in enumerate(zip(modules, rows)):
+        m.fisher_A.index_copy_(0, r, parts[2 * i])
+        m.fisher_B.index_copy_(1, r, parts[2 * i + 1])
     all_reduce_sum_([m.fisher_count for m in modules])
 
 
