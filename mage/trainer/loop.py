@@ -87,8 +87,8 @@ def _base_path(cfg, tokenizer) -> Path:
         raise ValueError(f"model.base={cfg.base!r} is for the tiny model; {cfg.name!r} loads its weights from "
                          "model.agent_path, llm_path, vision_path and tokenizer_path")
     if cfg.base == "auto":
-        # Every rank resolves the same file; only a missing base is built (the first run, rank 0 alone
-        # on one process: torchrun runs of the mini preset build it before the ranks start).
+        # The committed base (assets/) is found by every rank. A missing or stale one is built once into
+        # the cache; ranks that build at the same time write the same bytes through an atomic rename.
         return resolve_base(cfg.base_seed, tokenizer)
     path = Path(cfg.base)
     if not path.is_file():
