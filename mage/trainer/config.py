@@ -46,6 +46,11 @@ class DataConfig:
     generate_mini: bool = True          # write Continual-NExT-mini into `root` if it is missing
     mini_seed: int = 0
     num_workers: int = 0
+    # Real-release behaviour (docs/REAL_DATA.md); the defaults keep the mini benchmark as it was.
+    edit_filter: bool = False           # drop HQEdit training pairs < 400 px or aspect outside [0.6, 1/0.6]
+    generation_prompt: str = "Please generate the image. {caption}"  # Flickr30k test prompt (caption-only text)
+    per_task_grids: bool = False        # Flickr30k and HQEdit inputs use the 1x1 grid only (SEED-X)
+    polite_reply: bool = False          # image answers supervise a short polite reply before <img>
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,7 @@ class SequenceTrainer:
                               total, self.info, self.bf16)
         stream = TrainStream(task, self.data_root, self.model, batch_size=cfg.train.batch_size,
                              seed=cfg.train.seed, rank=self.info.rank, world_size=self.info.world_size,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, data_cfg=cfg.data)
         resume = self.resume_state
         if resume is not None and resume["state"]["task"] == k:
             st = resume["state"]
