@@ -32,6 +32,12 @@ class ModelConfig:
     llm_path: str = ""
     vision_path: str = ""
     tokenizer_path: str = ""
+    # Start from a fine-tuned agent (the paper's common VQAv2 checkpoint): a file in the official
+    # MAGE/SEED-X PEFT layout or this project's layout (mage.model.convert), loaded after the LoRA wrap.
+    init_from: str = ""
+    # SEED-X's image decoder: a folder in SEED-X's `pretrained/` layout (stable-diffusion-xl-base-1.0/,
+    # seed_detokenizer/first_stage/, seed_detokenizer/second_stage/); "" = no decoding (feature score).
+    decoder_path: str = ""
 
     def weight_paths(self) -> dict[str, str]:
         return {"agent_path": self.agent_path, "llm_path": self.llm_path, "vision_path": self.vision_path,

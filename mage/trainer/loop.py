@@ -71,6 +71,10 @@ def build_trainable_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     lora = cfg.lora
     wrap_llama_lora(model.llm, rank=lora.rank, num_groups=lora.num_groups, alpha=lora.alpha, dropout=lora.dropout,
                     backend=lora.backend)
+    if cfg.model.init_from:
+        from mage.model.convert import load_init
+        report = load_init(model, cfg.model.init_from)
+        print(f"initialised from {cfg.model.init_from}: {report.summary()}", flush=True)
     return model
 
 
