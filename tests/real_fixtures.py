@@ -32,3 +32,51 @@ def write_tiny_clip(path: Path, seed: int = 0) -> Path:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     CLIPTokenizer(vocab=_byte_vocab(), merges=[]).save_pretrained(path)
     return path
+
+
+# ----- SEED-X's decoder in its pretrained/ layout, tiny ------------------------------------------------
+
+def tiny_adapter_config(embedding_dim: int, num_queries: int):
+    from mage.model.detokenizer import AdapterConfig
+    return AdapterConfig(dim=64, depth=1, heads=1, num_queries=num_queries, embedding_dim=embedding_dim,
+                         output1_dim=16, output2_dim=32, ff_mult=2)
+
+
+def _tiny_unet(cfg, in_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cfg.output1_dim + cfg.output2_dim, attention_head_dim=8, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=cfg.output2_dim + 6 * 8)
+
+
+def write_tiny_decoder(path: Path, embedding_dim: int, num_queries: int, seed: int = 0) -> Path:
+    """stable-diffusion-xl-base-1.0/{unet,vae,scheduler} + seed_detokenizer/{first,second}_stage adapters."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+    from mage.model.detokenizer import DetokenizerResampler, widen_conv_in
+
+    torch.manual_seed(seed)
+    cfg = tiny_adapter_config(embedding_dim, num_queries)
+    sdxl = path / "stable-diffusion-xl-base-1.0"
+    unet = _tiny_unet(cfg)
+    unet.save_pretrained(sdxl / "unet")
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  sample_size=32).save_pretrained(sdxl / "vae")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           timestep_spacing="leading", steps_offset=1).save_pretrained(sdxl / "scheduler")
+    first = {f"resampler.{k}": v for k, v in DetokenizerResampler(cfg).state_dict().items()}
+    first.update({f"unet.{k}": v for k, v in unet.state_dict().items() if ".to_k." in k or ".to_v." in k})
+    (path / "seed_detokenizer" / "first_stage").mkdir(parents=True)
+    torch.save(first, path / "seed_detokenizer" / "first_stage" / "pytorch_model.bin")
+    widen_conv_in(unet, 8)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(0, 0.1)  # a trained editing UNet reads the source latents
+    second = {f"resampler.{k}": v for k, v in DetokenizerResampler(cfg).state_dict().items()}
+    second.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+    (path / "seed_detokenizer" / "second_stage").mkdir(parents=True)
+    torch.save(second, path / "seed_detokenizer" / "second_stage" / "pytorch_model.bin")
+    return path
