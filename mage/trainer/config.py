@@ -117,6 +117,16 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 32
     zero_shot: bool = True              # row 0 of the matrix: every task before any training
+    # Real-release evaluation (docs/REAL_DATA.md); the defaults keep the mini benchmark as it was.
+    image_generation: str = "forced"    # forced (prompt ends with <img>) | free (model must emit <img>: SEED-X)
+    text_scorer: str = "default"        # default (normalised exact match, IoU >= 0.5) | compat (public MAGE code)
+    image_scorer: str = "feature_cosine"  # feature_cosine (tiny stand-in, not CLIP) | clip (decode + CLIP ViT-B/32)
+    clip_path: str = ""                 # local transformers CLIP folder (ViT-B/32), for image_scorer = clip
+    decode_steps: int = 50              # SEED-X decoder: Euler steps, guidance, output side, seed
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5   # editing (HQEdit) only
+    decode_size: int = 1024
+    decode_seed: int = 42
 
 
 @dataclass(frozen=True)

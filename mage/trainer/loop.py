@@ -29,7 +29,7 @@ from mage.trainer.config import Config, config_differences, save_config
 from mage.trainer.data import TrainStream, check_task_overrides, prepare_data, resolve_tasks, to_device
 from mage.trainer.distributed import DistInfo, barrier
 from mage.trainer.engine import DDPEngine, build_engine, check_engine
-from mage.trainer.evaluate import evaluate_tasks
+from mage.trainer.evaluate import check_eval_config, evaluate_tasks, scorer_names
 from mage.trainer.logging import RunLogger
 from mage.trainer.report import compute_metrics, format_matrix, format_metrics, write_reports
 
@@ -125,6 +125,8 @@ class SequenceTrainer:
         self.tasks = resolve_tasks(cfg.data)
         self.bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and info.device.type == "cuda")
         check_task_overrides(cfg.task_overrides, self.tasks)
+        for task in self.tasks:  # a CLIP score without CLIP or decoder fails now, not after the first task
+            check_eval_config(cfg.for_task(task.name).eval, task, cfg.model.decoder_path)
         check_engine(cfg.train, info.device)
         self.data_root = prepare_data(cfg.data, info, self.tasks)
         # Same seed on every rank for the weights; per-rank streams below for dropout.
@@ -206,9 +208,13 @@ class SequenceTrainer:
         self.log.message(f"resuming from {self.ckpt_dir} at task {state['task'] + 1}, step {state['step']}")
 
     # -- evaluation
+    def _eval_for(self, task: str):
+        return self.cfg.for_task(task).eval
+
     def _evaluate_row(self, after: int) -> list[float]:
         scores, labels = evaluate_tasks(self.model, self.tasks, self.data_root, self.cfg.eval, self.info, self.bf16,
-                                        progress=self.log.eval_bar(after))
+                                        progress=self.log.eval_bar(after), eval_for=self._eval_for,
+                                        data_cfg=self.cfg.data, decoder_path=self.cfg.model.decoder_path)
         if after >= 1:  # keyed by the 0-based index of the last trained task
             for i, lab in labels.items():
                 self.progress.labels[f"{after - 1},{i}"] = lab
@@ -323,7 +329,8 @@ class SequenceTrainer:
             metrics.update(error_type_forgetting([labels[(last, i)] for i in labelled],
                                                  [labels[(i, i)] for i in labelled]))
         if self.info.is_main:
-            write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics)
+            write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics,
+                          scorers=scorer_names(self.tasks, self._eval_for))
         return metrics
 
 
