@@ -80,3 +80,46 @@ def write_tiny_decoder(path: Path, embedding_dim: int, num_queries: int, seed: i
     (path / "seed_detokenizer" / "second_stage").mkdir(parents=True)
     torch.save(second, path / "seed_detokenizer" / "second_stage" / "pytorch_model.bin")
     return path
+
+
+# ----- SEED-X's tokenizer, built the same way (LLaMA SentencePiece + added tokens), tiny -----------------
+
+CORPUS = (
+    "What color is the circle in the image?", "What is the object in the image? Answer with one word.",
+    "Please generate the image. A brown dog runs on the beach.", "Generate an image: two people ride bikes.",
+    "Here is a picture.", "Sure, here is a picture.", "[INST] What is written in the image? [/INST]\n",
+    "Please provide the box of the red square.", "make the sky blue", "turn the cat into a dog",
+    "Who wrote this book? Unanswerable", "yes no 0 1 2 3 4 5 6 7 8 9 [0.27,0.42,0.83,0.73]",
+)
+
+
+def seed_x_added_tokens() -> list[str]:
+    from mage.data.tokenizer import IMAGE_TOKENS, LOC_TOKENS
+    return [*IMAGE_TOKENS, "<img>", "</img>", "<box_start>", "<box_end>", *LOC_TOKENS, "<patch>", "</patch>"]
+
+
+def write_tokenizer(path: Path, vocab_size: int = 420) -> Path:
+    """LLaMA-style SentencePiece BPE (byte fallback, identity normaliser, <unk>=0 <s>=1 </s>=2) plus SEED-X's
+    added tokens after the base vocabulary, saved as transformers 4.30 saved SEED-X's tokenizer folder."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    path.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(CORPUS) * 20), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    base = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    added = {t: base + i for i, t in enumerate(seed_x_added_tokens())}
+    (path / "added_tokens.json").write_text(json.dumps(added))
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (path / "special_tokens_map.json").write_text(json.dumps(specials))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048,
+         **specials}))
+    return path
