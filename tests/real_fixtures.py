@@ -123,3 +123,135 @@ def write_tokenizer(path: Path, vocab_size: int = 420) -> Path:
         {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048,
          **specials}))
     return path
+
+
+# ----- the Continual-NExT release, in its exact layout and keys, a few records per task -------------------
+
+def _image(path: Path, size=(64, 48), color=(200, 30, 30)) -> None:
+    from PIL import Image, ImageDraw
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, (30, 30, 30))
+    ImageDraw.Draw(im).rectangle([size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2], fill=color)
+    im.save(path)
+
+
+def _jsonl(path: Path, records: list) -> None:
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _json(path: Path, data) -> None:
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+# What the readers must make of the fixture: usable training records, skipped ones, test records.
+RELEASE_COUNTS = {"vqav2": (3, 3, 2), "imagenet": (2, 0, 2), "flickr30k": (2, 1, 2), "ocrvqa": (2, 0, 2),
+                  "refcoco": (2, 0, 2), "hqedit": (1, 0, 2)}  # (train, skipped, test); hqedit: 2 more filtered
+
+
+def write_release(root: Path) -> Path:
+    """All six tasks as the release ships them: SEED-Data-* folders (Flickr30k under the MAGE README's
+    "Fliackr30k" spelling), nested annotations/**/*.jsonl, records without an image (null / '' / 'none'),
+    a leading '/' on image paths, RefCOCO test records without "answer", HQEdit test records without
+    question_id, Flickr30k test records with the caption only, HQEdit pairs the official filter drops."""
+    vqa = root / "SEED-Data-VQAv2"
+    for name in ("COCO_train2014_1.jpg", "COCO_train2014_2.jpg", "COCO_train2014_3.jpg"):
+        _image(vqa / "COCO2014" / "train2014" / name)
+    _image(vqa / "COCO2014" / "val2014" / "COCO_val2014_1.jpg", color=(30, 30, 200))
+    _jsonl(vqa / "annotations" / "vqav2_train.jsonl", [
+        {"image": "COCO_train2014_1.jpg", "data": ["What color is the square?", "red", "Is it big?", "no"]},
+        {"image": "/COCO_train2014_2.jpg", "data": ["What color is the square?", "red"]},
+        {"image": None, "data": ["What is this?", "nothing"]},
+        {"image": "", "data": ["What is this?", "nothing"]},
+    ])
+    _jsonl(vqa / "annotations" / "part2" / "more" / "train.jsonl", [
+        {"image": "COCO_train2014_3.jpg", "data": ["How many squares?", "1"]},
+        {"image": "none", "data": ["What is this?", "nothing"]},
+    ])
+    _json(vqa / "questions" / "test.json", [
+        {"question_id": 11, "image": "val2014/COCO_val2014_1.jpg", "text": "What color is the square?", "answer": "blue"},
+        {"question_id": 12, "image": "/val2014/COCO_val2014_1.jpg", "text": "How many squares?", "answer": "1"},
+    ])
+
+    imn = root / "SEED-Data-ImageNet"
+    _image(imn / "imagenet" / "train" / "n01440764" / "a.JPEG")
+    _image(imn / "imagenet" / "val" / "b.JPEG")
+    _jsonl(imn / "annotations" / "train.jsonl", [
+        {"image": "n01440764/a.JPEG", "data": ["What is the object in the image? Answer with one word.", "tench"]},
+        {"image": "n01440764/a.JPEG", "data": ["What is the object in the image? Answer with one word.", "fish"]},
+    ])
+    _json(imn / "questions" / "test.json", [
+        {"question_id": i, "image": "val/b.JPEG", "text": "What is the object in the image? Answer with one word.",
+         "answer": "tench"} for i in range(2)])
+
+    flickr = root / "SEED-Data-Fliackr30k"
+    for name in ("1000092795.jpg", "10002456.jpg"):
+        _image(flickr / "images" / name, size=(60, 40), color=(30, 200, 30))
+    _jsonl(flickr / "annotations" / "flickr30k" / "train.jsonl", [
+        {"image": "1000092795.jpg", "data": ["Please generate the image.", "A brown dog runs on the beach."]},
+        {"image": "/10002456.jpg", "data": ["Please generate the image.", "Two people ride bikes."]},
+        {"image": "null", "data": ["Please generate the image.", "Nothing."]},
+    ])
+    _json(flickr / "questions" / "test.json", [{"text": "A brown dog runs on the beach."},
+                                              {"text": "Two people ride bikes."}])
+
+    ocr = root / "SEED-Data-OCRVQA"
+    _image(ocr / "OCR-VQA" / "images" / "123.jpg")
+    _jsonl(ocr / "annotations" / "train.jsonl", [
+        {"image": "123.jpg", "data": ["Who wrote this book?", "Unanswerable"]},
+        {"image": "123.jpg", "data": ["What is the title of this book?", "Dogs"]},
+    ])
+    _json(ocr / "questions" / "test.json", [
+        {"question_id": "123_1", "image": "123.jpg", "text": "Who wrote this book?", "answer": "Unanswerable"},
+        {"question_id": "123_2", "image": "123.jpg", "text": "What is the title of this book?", "answer": "Dogs"}])
+
+    ground = root / "SEED-Data-Grounding"
+    _image(ground / "COCO2014" / "train2014" / "COCO_train2014_9.jpg")
+    _image(ground / "COCO2014" / "val2014" / "COCO_val2014_9.jpg")
+    _jsonl(ground / "annotations" / "refcoco" / "train.jsonl", [
+        {"image": "COCO_train2014_9.jpg", "data": ["Please provide the box of the red square.", "[0.25,0.25,0.50,0.50]"]},
+        {"image": "COCO_train2014_9.jpg", "data": ["Please provide the box of the red square.", "[0.25,0.25,0.50,0.50]"]},
+    ])
+    _json(ground / "questions" / "test.json", [
+        {"question_id": 7, "size": [64, 48], "image": "val2014/COCO_val2014_9.jpg",
+         "text": "Please provide the box of the red square.", "origin_answer_bbox": [16, 12, 16, 12],
+         "answer_bbox": "[0.25,0.31,0.50,0.56]"},
+        {"question_id": 8, "size": [64, 48], "image": "val2014/COCO_val2014_9.jpg",
+         "text": "Please provide the box of the red square.", "origin_answer_bbox": [16, 12, 16, 12],
+         "answer_bbox": "[0.25,0.31,0.50,0.56]"}])
+
+    edit = root / "SEED-Data-HQEdit" / "images"
+    for name, size in (("keep.png", (448, 448)), ("small.png", (200, 200)), ("wide.png", (800, 400))):
+        _image(edit / "source_images" / name, size=size)
+        _image(edit / "target_images" / name, size=size, color=(30, 30, 200))
+    _jsonl(root / "SEED-Data-HQEdit" / "annotations" / "train.jsonl", [
+        {"source_image": f"source_images/{n}", "target_image": f"target_images/{n}", "instruction": "make the square blue"}
+        for n in ("keep.png", "small.png", "wide.png")])
+    _json(root / "SEED-Data-HQEdit" / "questions" / "test.json", [
+        {"source_image": "source_images/keep.png", "target_image": "target_images/keep.png",
+         "instruction": "make the square blue"},
+        {"source_image": "source_images/small.png", "target_image": "target_images/small.png",
+         "instruction": "make the square blue"}])
+    return root
+
+
+def write_tiny_seed_x(folder: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    """The four SEED-X pieces, saved as released, for the tiny graph with the fixture tokenizer:
+    agent/pytorch_model.bin (resamplers, patch_pos_embed), an HF LLaMA folder, the ViT state dict."""
+    from mage.data.tokenizer import load_tokenizer
+    from mage.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", tokenizer=load_tokenizer(tokenizer_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    agent = {k: v for k, v in model.state_dict().items()
+             if k.startswith(("input_resampler.", "output_resampler.", "patch_pos_embed"))}
+    (folder / "agent").mkdir(exist_ok=True)
+    torch.save(agent, folder / "agent" / "pytorch_model.bin")
+    model.llm.save_pretrained(folder / "llm")
+    torch.save(model.visual_encoder.state_dict(), folder / "qwen_vit_G.pt")
+    return {"agent_path": folder / "agent" / "pytorch_model.bin", "llm_path": folder / "llm",
+            "vision_path": folder / "qwen_vit_G.pt", "tokenizer_path": tokenizer_dir}
