@@ -118,15 +118,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def slow_llama_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """SentencePiece LLaMA tokenizer with transformers 4.30's added-token rule (strip both sides)."""
-    try:  # transformers >= 5: the generic SentencePiece tokenizer; < 5: the slow LlamaTokenizer
-        from transformers.tokenization_utils_sentencepiece import SentencePieceBackend as SlowTokenizer
-    except ImportError:
-        from transformers import LlamaTokenizer as SlowTokenizer
     try:
         import sentencepiece  # noqa: F401
     except ImportError:
         raise ImportError("the slow LLaMA tokenizer needs sentencepiece: pip install sentencepiece") from None
-    tokenizer = SlowTokenizer.from_pretrained(str(path), local_files_only=True, legacy=True)
+    tokenizer = _slow_class().from_pretrained(str(path), local_files_only=True, legacy=True)
     # transformers 4.30 stripped whitespace on both sides of every added token given as a plain string
     # (how SEED-X's tokens were added); newer versions keep it unless the token says so.
     base = tokenizer.sp_model.get_piece_size()
@@ -137,6 +133,29 @@ def slow_llama_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
                                            special=token.special)
     tokenizer._update_trie()
     return tokenizer
+
+
+def _slow_class():
+    """transformers < 5: the slow LlamaTokenizer; >= 5: the generic SentencePiece tokenizer, decoding as
+    LLaMA's slow one did (SentencePiece decodes runs of pieces, so byte-fallback pieces become text)."""
+    try:
+        from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    except ImportError:
+        from transformers import LlamaTokenizer
+        return LlamaTokenizer
+
+    class SlowLlamaTokenizer(SentencePieceBackend):
+        def convert_tokens_to_string(self, tokens: list[str]) -> str:
+            out, run = [], []
+            for token in tokens:
+                if token in self._added_tokens_encoder:  # added and special tokens: verbatim
+                    out += [self.sp_model.decode(run), token]
+                    run = []
+                else:
+                    run.append(token)
+            return "".join(out + [self.sp_model.decode(run)])
+
+    return SlowLlamaTokenizer
 
 
 def _check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -145,7 +145,7 @@ SECTIONS: dict[str, type] = {
 # Fields that may change between a run and its resumption: they do not change what is computed.
 RESUME_FREE_FIELDS = frozenset({
     "data.root", "data.num_workers", "data.generate_mini", "train.device", "run.out_dir", "run.checkpoint_every",
-    "run.log_every", "run.progress", "run.tensorboard",
+    "run.log_every", "run.progress", "run.tensorboard", "eval.clip_path", "model.decoder_path",
 })
 
 
@@ -407,10 +407,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     """Fields (outside RESUME_FREE_FIELDS) whose values differ between a saved flat config and ``current``."""
     now = current.flat()
+    defaults = Config().flat()
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_FREE_FIELDS:
             continue
+        if key not in saved and now.get(key) == defaults.get(key):
+            continue  # a field added after the checkpoint was written, at its default: same computation
         a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
         if isinstance(a, list):
             a = tuple(a)
