@@ -54,6 +54,7 @@ def test_cli_names_every_problem_with_file_line_and_what_was_expected(release, t
     records = json.loads(test.read_text())
     del records[1]["answer_bbox"]
     test.write_text(json.dumps(records, indent=1))
+    (root / "SEED-Data-OCRVQA" / "OCR-VQA" / "images" / "123.jpg").unlink()
     with pytest.raises(SystemExit) as err:
         main(["--root", str(root)])
     msg = str(err.value)
@@ -61,6 +62,9 @@ def test_cli_names_every_problem_with_file_line_and_what_was_expected(release, t
     assert f"{nested}:4: 'image' '../../../../etc/passwd' leaves the image folder" in msg
     assert f"{nested}:5: missing key(s) ['image']" not in msg  # no image key = no image: skipped officially
     assert f"{test}:" in msg and "missing key(s) ['answer_bbox']" in msg
+    ocr = root / "SEED-Data-OCRVQA"
+    assert f"{ocr / 'annotations' / 'train.jsonl'}:2: image {ocr / 'OCR-VQA' / 'images' / '123.jpg'} does not exist" in msg
+    assert f"{ocr / 'questions' / 'test.json'}:" in msg and "4 missing image file(s)" in msg
     line = int(msg.split(f"{test}:")[1].split(":")[0])
     assert test.read_text().splitlines()[line - 1].strip() == "{"  # the line where that record starts
     with pytest.raises(DataError, match="leaves the image folder"):

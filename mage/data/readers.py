@@ -76,6 +76,7 @@ class Record:
     target_image: Path | None = None    # output image (generation target / edited image)
     answer: str | None = None           # reference of a test record (text answer, box, or Flickr30k caption)
     meta: dict = field(default_factory=dict)  # test: question_id (+ refcoco: size, answer_bbox, origin_answer_bbox)
+    source: str = ""                    # file:line the record was read from
 
 
 @dataclass
@@ -145,7 +146,8 @@ def _train_record(spec: TaskSpec, rec: dict, image_dir: Path, example_id: str, w
         if options.edit_filter and src.is_file() and not _edit_size_ok(src):
             out.filtered += 1
             return
-        out.records.append(Record(spec.name, example_id, [(str(rec["instruction"]), "")], image=src, target_image=tgt))
+        out.records.append(Record(spec.name, example_id, [(str(rec["instruction"]), "")], image=src, target_image=tgt,
+                                  source=where))
         return
     problem = _need(rec, ("data",), where)
     if problem:
@@ -163,10 +165,10 @@ def _train_record(spec: TaskSpec, rec: dict, image_dir: Path, example_id: str, w
     if isinstance(path, str):
         out.problems.append(path)
     elif spec.record_kind == "generation":
-        out.records.append(Record(spec.name, example_id, [(" ".join(data[:2]), "")], target_image=path))
+        out.records.append(Record(spec.name, example_id, [(" ".join(data[:2]), "")], target_image=path, source=where))
     else:
         turns = [(data[i], data[i + 1]) for i in range(0, len(data), 2)]
-        out.records.append(Record(spec.name, example_id, turns, image=path))
+        out.records.append(Record(spec.name, example_id, turns, image=path, source=where))
 
 
 def _read_train(spec: TaskSpec, root: str | Path, options: ReaderOptions) -> _Read:
@@ -289,6 +291,8 @@ def _read_test(spec: TaskSpec, root: str | Path, options: ReaderOptions) -> _Rea
     image_dir = task_dir(spec, root) / spec.test_image_dir
     for index, (line, rec) in enumerate(items):
         rec_or_problem = _test_record(spec, rec, image_dir, index, f"{path}:{line}", options)
+        if isinstance(rec_or_problem, Record):
+            rec_or_problem.source = f"{path}:{line}"
         (out.problems if isinstance(rec_or_problem, str) else out.records).append(rec_or_problem)
     return out
 
@@ -318,8 +322,9 @@ def load_test_records(task: str, root: str | Path, options: ReaderOptions | None
     return out.records
 
 
-def _image_paths(records: list[Record]) -> list[Path]:
-    return [p for r in records for p in (r.image, r.target_image) if p is not None]
+def _missing_images(records: list[Record]) -> list[tuple[str, Path]]:
+    """(file:line of the record, path) of every image a record names that is not a file."""
+    return [(r.source, p) for r in records for p in (r.image, r.target_image) if p is not None and not p.is_file()]
 
 
 def preflight(tasks: list[str] | tuple[str, ...], root: str | Path, check_test: bool = True,
@@ -343,7 +348,7 @@ def preflight(tasks: list[str] | tuple[str, ...], root: str | Path, check_test: 
         train = _read_train(spec, root, options)
         test = _read_test(spec, root, options) if check_test else _Read()
         problems = train.problems + test.problems
-        missing = [p for p in _image_paths(train.records + test.records) if not p.is_file()]
+        missing = _missing_images(train.records + test.records)
         counts[spec.name] = {"train": len(train.records), "test": len(test.records)}
         if details:
             counts[spec.name].update(skipped=train.skipped, filtered=train.filtered)
@@ -353,8 +358,10 @@ def preflight(tasks: list[str] | tuple[str, ...], root: str | Path, check_test: 
             lines.append(f"... and {len(problems) - limit} more bad record(s)")
         if missing:
             limit = len(missing) if max_listed is None else max_listed
-            named = ", ".join(str(p) for p in missing[:limit])
-            lines.append(f"{len(missing)} missing image file(s): {named}" + (" ..." if len(missing) > limit else ""))
+            lines.append(f"{len(missing)} missing image file(s):")
+            lines += [f"  {where}: image {path} does not exist" for where, path in missing[:limit]]
+            if len(missing) > limit:
+                lines.append(f"  ... and {len(missing) - limit} more")
         if lines:
             report.append(f"{spec.name} ({task_dir(spec, root).name}):\n    " + "\n    ".join(lines))
     if report:
