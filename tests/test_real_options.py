@@ -79,3 +79,21 @@ def test_free_generation_scored_by_the_stand_in(tmp_path):
     free, _ = evaluate_tasks(model, tasks, root, EvalConfig(batch_size=2, max_new_tokens=4, image_generation="free"),
                              info, False)
     assert free == [0.0, 0.0] and all(s != 0.0 for s in forced)
+
+
+def test_pretrained_tasks_must_lead_the_sequence_and_need_init_from():
+    import pytest
+
+    from mage.trainer.config import ConfigError, load_config
+    from mage.trainer.data import check_pretrained_tasks, resolve_tasks
+
+    cfg = load_config("mini", {"data.pretrained_tasks": "vqav2", "model.init_from": "vqav2.bin"})
+    check_pretrained_tasks(cfg, resolve_tasks(cfg.data))
+    with pytest.raises(ConfigError, match="set model.init_from"):
+        check_pretrained_tasks(load_config("mini", {"data.pretrained_tasks": "vqav2"}), resolve_tasks(cfg.data))
+    wrong = load_config("mini", {"data.pretrained_tasks": "imagenet", "model.init_from": "x.bin"})
+    with pytest.raises(ConfigError, match="must be the first task"):
+        check_pretrained_tasks(wrong, resolve_tasks(wrong.data))
+    with pytest.raises(ConfigError, match="unknown task"):
+        check_pretrained_tasks(load_config("mini", {"data.pretrained_tasks": "coco", "model.init_from": "x"}),
+                               resolve_tasks(cfg.data))

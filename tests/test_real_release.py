@@ -124,6 +124,7 @@ def test_seed_x_preset_runs_all_six_tasks_end_to_end(release, real_pieces, tmp_p
     overrides.update({
         "model.name": "tiny", "model.gradient_checkpointing": "false",
         "model.init_from": str(_official_init(real_pieces, tmp_path / "vqav2_agent.bin")),
+        "data.pretrained_tasks": "vqav2",  # the paper's common start: VQAv2 comes trained in init_from
         "data.root": str(release), "train.steps_per_task": "2", "train.batch_size": "2", "train.grad_accum": "1",
         "train.engine": "ddp", "train.bf16": "false", "train.device": "cpu", "optim.warmup_steps": "0",
         "eval.clip_path": str(real_pieces["clip_path"]), "eval.batch_size": "2", "eval.max_new_tokens": "3",
@@ -136,6 +137,7 @@ def test_seed_x_preset_runs_all_six_tasks_end_to_end(release, real_pieces, tmp_p
     result = run_sequence(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     assert result["tasks"] == TASKS and len(result["matrix"]) == 6 and len(result["zero_shot"]) == 6
     assert all(torch.isfinite(torch.tensor(row)).all() for row in result["matrix"])
+    assert result["matrix"][0] == result["zero_shot"]  # VQAv2 was not retrained: same weights, same row
     flickr, hqedit = TASKS.index("flickr30k"), TASKS.index("hqedit")
     assert all(row[flickr] != 0 and row[hqedit] != 0 for row in result["matrix"])  # CLIP scores of decoded images
     assert calls["decode"] == 7 * 4 and calls["clip"] == 7 * 2  # 7 rows x (2 + 2 images), one CLIP call per task

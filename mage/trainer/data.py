@@ -30,6 +30,19 @@ def check_task_overrides(overrides: dict, tasks: list[TaskSpec]) -> None:
         raise ConfigError(f"task_overrides name unknown task(s) {unknown}; valid tasks: {', '.join(TASK_NAMES)}")
 
 
+def check_pretrained_tasks(cfg, tasks: list[TaskSpec]) -> None:
+    """data.pretrained_tasks must be the first tasks of the sequence and need model.init_from."""
+    names = [t.name for t in tasks]
+    try:
+        done = [get_task(n).name for n in cfg.data.pretrained_tasks]
+    except KeyError as e:
+        raise ConfigError(f"data.pretrained_tasks: {e.args[0]}") from None
+    if done and not cfg.model.init_from:
+        raise ConfigError(f"data.pretrained_tasks {done} are taken from a checkpoint: set model.init_from")
+    if done != names[:len(done)]:
+        raise ConfigError(f"data.pretrained_tasks {done} must be the first task(s) of the sequence {names}")
+
+
 def prepare_data(cfg, info: DistInfo, tasks: list[TaskSpec]) -> Path:
     """The data root, checked; Continual-NExT-mini is generated there first when it is absent and allowed."""
     root = Path(cfg.root)

@@ -26,7 +26,8 @@ from mage.model.checkpoint import load_seed_x
 from mage.trainer.checkpoint import (CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint,
                                      serialize_state, write_bytes_atomic)
 from mage.trainer.config import Config, config_differences, save_config
-from mage.trainer.data import TrainStream, check_task_overrides, prepare_data, resolve_tasks, to_device
+from mage.trainer.data import (TrainStream, check_pretrained_tasks, check_task_overrides, prepare_data, resolve_tasks,
+                               to_device)
 from mage.trainer.distributed import DistInfo, barrier
 from mage.trainer.engine import DDPEngine, build_engine, check_engine
 from mage.trainer.evaluate import check_eval_config, evaluate_tasks, scorer_names
@@ -125,6 +126,7 @@ class SequenceTrainer:
         self.tasks = resolve_tasks(cfg.data)
         self.bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and info.device.type == "cuda")
         check_task_overrides(cfg.task_overrides, self.tasks)
+        check_pretrained_tasks(cfg, self.tasks)
         for task in self.tasks:  # a CLIP score without CLIP or decoder fails now, not after the first task
             check_eval_config(cfg.for_task(task.name).eval, task, cfg.model.decoder_path)
         check_engine(cfg.train, info.device)
@@ -224,6 +226,9 @@ class SequenceTrainer:
     # -- training one task
     def _train_task(self, k: int) -> None:
         task = self.tasks[k]
+        if task.name in self.cfg.data.pretrained_tasks:  # trained by model.init_from: evaluated, not retrained
+            self.log.message(f"task {k + 1} ({task.name}): taken from {self.cfg.model.init_from}, not retrained")
+            return
         cfg = self.cfg.for_task(task.name)
         total = cfg.train.steps_per_task
         self.method.on_task_start(task.lora_groups)
