@@ -78,7 +78,9 @@ def real_pieces(tmp_path_factory):
     from tests.real_fixtures import write_tiny_clip, write_tiny_decoder, write_tiny_seed_x, write_tokenizer
     base = tmp_path_factory.mktemp("pretrained")
     paths = write_tiny_seed_x(base / "seed_x", write_tokenizer(base / "tokenizer"))
-    paths["decoder_path"] = write_tiny_decoder(base / "decoder", embedding_dim=128, num_queries=16)
+    from mage.model.config import get_config
+    out = get_config("tiny").output_resampler  # the decoder reads the output resampler's features
+    paths["decoder_path"] = write_tiny_decoder(base / "decoder", embedding_dim=out.embed_dim, num_queries=out.num_queries)
     paths["clip_path"] = write_tiny_clip(base / "clip")
     return paths
 
