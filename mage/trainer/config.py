@@ -26,18 +26,18 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "tiny"                  # "tiny" (CPU-sized SEED-X graph) or "seed-x-13b"
     gradient_checkpointing: bool = False
-    # Local SEED-X weights (all four, or none for a random-init model): the agent file (resamplers +
-    # patch_pos_embed), the HF LLaMA-2-13B-chat folder, the ViT state dict and the tokenizer folder.
-    agent_path: str = ""
-    llm_path: str = ""
-    vision_path: str = ""
-    tokenizer_path: str = ""
     # Start from a fine-tuned agent (the paper's common VQAv2 checkpoint): a file in the official
     # MAGE/SEED-X PEFT layout or this project's layout (mage.model.convert), loaded after the LoRA wrap.
     init_from: str = ""
     # SEED-X's image decoder: a folder in SEED-X's `pretrained/` layout (stable-diffusion-xl-base-1.0/,
     # seed_detokenizer/first_stage/, seed_detokenizer/second_stage/); "" = no decoding (feature score).
     decoder_path: str = ""
+    # Local SEED-X weights (all four, or none for a random-init model): the agent file (resamplers +
+    # patch_pos_embed), the HF LLaMA-2-13B-chat folder, the ViT state dict and the tokenizer folder.
+    agent_path: str = ""
+    llm_path: str = ""
+    vision_path: str = ""
+    tokenizer_path: str = ""
 
     def weight_paths(self) -> dict[str, str]:
         return {"agent_path": self.agent_path, "llm_path": self.llm_path, "vision_path": self.vision_path,
