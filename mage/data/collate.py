@@ -17,7 +17,8 @@ One example's token sequence (SEED-X, SPEC section 7):
 
 mode="train": right padding (pad id, attention 0, label -100). mode="generate": the prompt only (every
 turn but the last answer), LEFT padding, labels all -100; for an image answer the prompt ends with
-`<img>` and the model appends the Q `<img_i>` tokens itself, so `output_image_mask` is all False while
+`<img>` (force_image=True, the mini default; with False it ends at "[/INST]\n" and the model must emit
+`<img>` itself) and the model appends the Q `<img_i>` tokens itself, so `output_image_mask` is all False while
 `target_images` still holds the targets (for scoring) of the image-answer examples that have one (a
 release test record of Flickr30k has only its caption).
 """
