@@ -75,10 +75,11 @@ def test_free_generation_scored_by_the_stand_in(tmp_path):
     model = build_model("tiny")
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     tasks = [get_task("flickr30k"), get_task("hqedit")]
-    forced, _ = evaluate_tasks(model, tasks, root, EvalConfig(batch_size=2, max_new_tokens=4), info, False)
-    free, _ = evaluate_tasks(model, tasks, root, EvalConfig(batch_size=2, max_new_tokens=4, image_generation="free"),
-                             info, False)
+    forced, forced_labels = evaluate_tasks(model, tasks, root, EvalConfig(batch_size=2, max_new_tokens=4), info, False)
+    free, free_labels = evaluate_tasks(model, tasks, root, EvalConfig(batch_size=2, max_new_tokens=4,
+                                                                      image_generation="free"), info, False)
     assert free == [0.0, 0.0] and all(s != 0.0 for s in forced)
+    assert forced_labels == {} and free_labels == {0: ["IUF"] * 3, 1: ["IUF"] * 3}  # no image: unfollowed
 
 
 def test_pretrained_tasks_must_lead_the_sequence_and_need_init_from():

@@ -6,7 +6,8 @@ label per example for the error-type forgetting. Image tasks (Flickr30k, HQEdit)
 of two ways (`eval.image_generation`):
 - "forced" (the mini default): the prompt ends with `<img>` and the image tokens are teacher-forced;
 - "free" (SEED-X, the paper): free-running `generate`; a model that never emits `<img>` produces no
-  image and scores 0 on that example;
+  image, scores 0 on that example and is labelled instruction-unfollowing (IUF) for the error-type
+  forgetting;
 and scored in one of two ways (`eval.image_scorer`, per task through task_overrides):
 - "feature_cosine": the tiny setting's STAND-IN for CLIP (cosine x 100 of output-resampler features vs
   the target image's ViT features, centred on the test set's mean target feature); needs target images;
@@ -167,14 +168,17 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], eval_cfg, info:
     if cosine:
         q, d = model.num_image_tokens, model.output_resampler.embed_dim
         all_targets = torch.cat(targets) if targets else torch.zeros(0, q, d, device=info.device)
-        return list(zip(mine, centred_feature_scores(generated, all_targets, model, info)))
-    return list(zip(mine, _clip_scores(model, task, shard, generated, eval_cfg, decoder_path, info.device)))
+        scores = centred_feature_scores(generated, all_targets, model, info)
+    else:
+        scores = _clip_scores(model, task, shard, generated, eval_cfg, decoder_path, info.device)
+    return list(zip(mine, [(s, g is not None) for s, g in zip(scores, generated)]))
 
 
 def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo, bf16: bool,
                    progress: Callable[[int], object] | None = None, *, eval_for: Callable[[str], object] | None = None,
                    data_cfg=None, decoder_path: str = "") -> tuple[list[float], dict[int, list[str]]]:
-    """Scores (percent) of every task in order, and per-example error labels of the text tasks.
+    """Scores (percent) of every task in order, and per-example error labels of the text tasks (and, under
+    free-running generation, of the image tasks: "IUF" where no image was produced).
 
     `cfg` is the EvalConfig; `eval_for(task)` gives a task's own (task_overrides), `data_cfg` the
     DataConfig (reader options, per-task grids), `decoder_path` SEED-X's decoder folder.
@@ -206,7 +210,11 @@ def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo
                 score, correct = score_text(task.name, outputs, references, scorer=scorer)
                 labels[i] = error_labels(task.name, outputs, references, correct=correct)
             else:
-                score = sum(outputs) / len(outputs)
+                score = sum(s for s, _ in outputs) / len(outputs)
+                if eval_cfg.image_generation == "free":
+                    # No image for an image instruction is instruction-unfollowing; an image is not
+                    # labelled an error (its score is graded, not right or wrong).
+                    labels[i] = ["correct" if produced else "IUF" for _, produced in outputs]
             scores.append(score)
             if bar is not None:
                 bar.update(1)
