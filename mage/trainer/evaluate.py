@@ -88,12 +88,14 @@ def _decoder(model, path: str, kind: str, device: torch.device):
     return _CACHE[key]
 
 
-def centred_feature_scores(generated: list[torch.Tensor | None], targets: torch.Tensor, model,
+def centred_feature_scores(generated: list[torch.Tensor | None], target_batches: list[torch.Tensor], model,
                            info: DistInfo) -> list[float]:
     """cosine x 100 per image, both sides centred on the mean target feature of the whole test set (all
-    ranks); 0 where no image was generated (None)."""
+    ranks); 0 where no image was generated (None). `target_batches`: (M_b, Q, D) per evaluation batch."""
     q, d = model.num_image_tokens, model.output_resampler.embed_dim
-    total = targets.sum(0) if targets.shape[0] else torch.zeros(q, d, device=info.device)
+    # summed batch by batch, in the order the mini benchmark's scores were calibrated with
+    total = sum((t.sum(0) for t in target_batches), torch.zeros(q, d, device=info.device))
+    targets = torch.cat(target_batches) if target_batches else torch.zeros(0, q, d, device=info.device)
     count = torch.tensor(float(targets.shape[0]), device=info.device)
     if info.distributed:  # every rank takes part, also one whose share is empty
         dist.all_reduce(total)
@@ -166,9 +168,7 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], eval_cfg, info:
     if task.output == "text":
         return list(zip(mine, texts))
     if cosine:
-        q, d = model.num_image_tokens, model.output_resampler.embed_dim
-        all_targets = torch.cat(targets) if targets else torch.zeros(0, q, d, device=info.device)
-        scores = centred_feature_scores(generated, all_targets, model, info)
+        scores = centred_feature_scores(generated, targets, model, info)
     else:
         scores = _clip_scores(model, task, shard, generated, eval_cfg, decoder_path, info.device)
     return list(zip(mine, [(s, g is not None) for s, g in zip(scores, generated)]))
