@@ -132,7 +132,9 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"], "deepspeed": ["deepspeed"]},
+    # decoder: SEED-X's SDXL image decoder (diffusers); sentencepiece: the slow LLaMA tokenizer of SEED-X.
+    extras_require={"test": ["pytest", "diffusers", "sentencepiece"], "decoder": ["diffusers"],
+                    "sentencepiece": ["sentencepiece"], "deepspeed": ["deepspeed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -90,7 +90,7 @@ def test_preflight_checks_test_sets_and_folders(root, tmp_path):
     data = json.loads(test_json.read_text())
     del data[1]["answer"]
     test_json.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"test\.json\[1\]: missing key\(s\) \['answer'\]"):
+    with pytest.raises(DataError, match=r"test\.json:\d+: missing key\(s\) \['answer'\]"):
         preflight(["vqav2"], root)
     with pytest.raises(DataError, match="no training annotations"):
         preflight(["ocrvqa"], root)

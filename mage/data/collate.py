@@ -11,12 +11,14 @@ One example's token sequence (SEED-X, SPEC section 7):
   V * Q placeholders.
 - User turns (with the "\\n" turn separator) and BOS are -100; text answers and the final EOS are
   supervised.
-- An image answer is `<img>` + Q `<img_i>` + `</img>`: only `<img>` and EOS are supervised, the Q tokens
-  and `</img>` are -100 and `output_image_mask` marks the Q tokens.
+- An image answer is [reply] `<img>` + Q `<img_i>` + `</img>`: the optional polite reply (SEED-X's, when
+  enabled), `<img>` and EOS are supervised, the Q tokens and `</img>` are -100 and `output_image_mask`
+  marks the Q tokens.
 
 mode="train": right padding (pad id, attention 0, label -100). mode="generate": the prompt only (every
 turn but the last answer), LEFT padding, labels all -100; for an image answer the prompt ends with
-`<img>` and the model appends the Q `<img_i>` tokens itself, so `output_image_mask` is all False while
+`<img>` (force_image=True, the mini default; with False it ends at "[/INST]\n" and the model must emit
+`<img>` itself) and the model appends the Q `<img_i>` tokens itself, so `output_image_mask` is all False while
 `target_images` still holds the targets (for scoring) of the image-answer examples that have one (a
 release test record of Flickr30k has only its caption).
 """
@@ -44,6 +46,7 @@ class Example:
     views: torch.Tensor | None = None     # (V, 3, H, W) input image views, tiles first, global last
     positions: torch.Tensor | None = None  # (V, 2) normalised tile centres
     target: torch.Tensor | None = None    # (3, H, W) target image when output_image
+    reply: str = ""                       # supervised text before an image answer's <img> (SEED-X's polite reply)
 
 
 def image_token_text(num_views: int, q: int) -> str:
@@ -58,7 +61,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _example_tokens(ex: Example, tokenizer, cfg: ImageConfig, generate: bool) -> tuple[list[int], list[int], list[bool], list[bool]]:
+def _example_tokens(ex: Example, tokenizer, cfg: ImageConfig, generate: bool,
+                    force_image: bool = True) -> tuple[list[int], list[int], list[bool], list[bool]]:
     """ids, labels, input-image mask, output-image mask of one example (unpadded)."""
     q = cfg.num_query_tokens
     placeholders = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS[:q]))
@@ -93,9 +97,12 @@ def _example_tokens(ex: Example, tokenizer, cfg: ImageConfig, generate: bool) ->
                              f"tokens, expected {expected}; instructions must not contain image tokens")
         push(user_ids, [False] * len(user_ids), inp=is_placeholder)
         if last and ex.output_image:
-            if generate:  # the prompt ends with <img>; the model teacher-forces the Q tokens
-                push([img_start], [False])
-            else:  # supervise <img> only; the Q tokens feed the output resampler
+            if generate:
+                if force_image:  # the prompt ends with <img>; the model teacher-forces the Q tokens
+                    push([img_start], [False])
+            else:  # supervise the reply and <img>; the Q tokens feed the output resampler
+                reply = _encode(tokenizer, ex.reply) if ex.reply else []
+                push(reply, [True] * len(reply))
                 push([img_start] + placeholders + [img_end], [True] + [False] * (q + 1),
                      out=[False] + [True] * q + [False])
         elif not (last and generate):
@@ -107,14 +114,19 @@ def _example_tokens(ex: Example, tokenizer, cfg: ImageConfig, generate: bool) ->
 
 
 def collate(examples: list[Example], tokenizer, image_cfg: ImageConfig, mode: str = "train",
-            max_length: int | None = None) -> dict:
-    """The model's batch dict (docs/DESIGN.md) from examples; mode "train" (right pad) or "generate" (left pad)."""
+            max_length: int | None = None, force_image: bool = True) -> dict:
+    """The model's batch dict (docs/DESIGN.md) from examples; mode "train" (right pad) or "generate" (left pad).
+
+    In "generate" mode an image-answer prompt ends with `<img>` when `force_image` (the teacher-forced
+    image of the mini benchmark); without it the prompt ends at "[/INST]\n" and the model must emit
+    `<img>` itself (free-running generation, as SEED-X evaluates).
+    """
     if mode not in ("train", "generate"):
         raise ValueError(f"collate mode {mode!r}: use 'train' or 'generate'")
     if not examples:
         raise ValueError("collate got an empty list of examples")
     generate = mode == "generate"
-    rows = [_example_tokens(ex, tokenizer, image_cfg, generate) for ex in examples]
+    rows = [_example_tokens(ex, tokenizer, image_cfg, generate, force_image) for ex in examples]
     T = max(len(r[0]) for r in rows)
     if max_length is not None and T > max_length:
         worst = max(range(len(rows)), key=lambda i: len(rows[i][0]))

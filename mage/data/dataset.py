@@ -12,6 +12,7 @@ records itself (or drop repeated example_ids).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator
 from functools import partial
 
@@ -22,14 +23,25 @@ from mage.data.collate import Example, collate
 from mage.data.images import ImageConfig, image_views, load_image, target_view
 from mage.data.readers import Record
 from mage.data.tasks import get_task, task_index
+from mage.data.prompts import POLITE_REPLIES
+
+
+def polite_reply_for(example_id: str) -> str:
+    """One of SEED-X's polite replies, fixed per example (crc32 of its id; SEED-X draws at random)."""
+    return POLITE_REPLIES[zlib.crc32(example_id.encode("utf-8")) % len(POLITE_REPLIES)]
 
 
 class TaskDataset(Dataset):
-    """Records of one or more tasks -> `Example`s with their images loaded and transformed."""
+    """Records of one or more tasks -> `Example`s with their images loaded and transformed.
 
-    def __init__(self, records: list[Record], image_cfg: ImageConfig):
+    `polite_reply`: image answers get one of SEED-X's polite replies (chosen by the example id, so
+    the same example always gets the same one) supervised before `<img>`.
+    """
+
+    def __init__(self, records: list[Record], image_cfg: ImageConfig, polite_reply: bool = False):
         self.records = list(records)
         self.image_cfg = image_cfg
+        self.polite_reply = polite_reply
 
     def __len__(self) -> int:
         return len(self.records)
@@ -42,8 +54,10 @@ class TaskDataset(Dataset):
             views, positions = image_views(load_image(r.image), self.image_cfg)
         if r.target_image is not None:
             target = target_view(load_image(r.target_image), self.image_cfg)
+        output_image = spec.output == "image"
+        reply = polite_reply_for(r.example_id) if (self.polite_reply and output_image) else ""
         return Example(task_id=task_index(spec.name), example_id=r.example_id, turns=list(r.turns),
-                       output_image=spec.output == "image", views=views, positions=positions, target=target)
+                       output_image=output_image, views=views, positions=positions, target=target, reply=reply)
 
 
 class ResumableSampler(Sampler[int]):
@@ -117,11 +131,14 @@ class ResumableLoader:
 
 def build_dataloader(records: list[Record], tokenizer, image_cfg: ImageConfig, batch_size: int, seed: int = 0,
                      mode: str = "train", shuffle: bool | None = None, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0, max_length: int | None = None) -> ResumableLoader:
-    """Loader of collated batches over records. Training shuffles by default; "generate" keeps file order."""
+                     num_workers: int = 0, max_length: int | None = None, polite_reply: bool = False,
+                     force_image: bool = True) -> ResumableLoader:
+    """Loader of collated batches over records. Training shuffles by default; "generate" keeps file order.
+    `polite_reply`: see TaskDataset; `force_image`: see mage.data.collate.collate."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     shuffle = (mode == "train") if shuffle is None else shuffle
     sampler = ResumableSampler(len(records), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
-    fn = partial(collate, tokenizer=tokenizer, image_cfg=image_cfg, mode=mode, max_length=max_length)
-    return ResumableLoader(TaskDataset(records, image_cfg), sampler, batch_size, fn, num_workers)
+    fn = partial(collate, tokenizer=tokenizer, image_cfg=image_cfg, mode=mode, max_length=max_length,
+                 force_image=force_image)
+    return ResumableLoader(TaskDataset(records, image_cfg, polite_reply), sampler, batch_size, fn, num_workers)

@@ -9,6 +9,7 @@ Output (target) images always use the global view only.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SEEDX_GRIDS = ("1x1", "1x2", "1x3", "2x1", "3x1", "1x4", "4x1", "2x2")
+# SEED-X trains and evaluates these tasks' input images on the 1x1 grid only (resolution_grids = ['1x1']).
+SINGLE_GRID_TASKS = ("flickr30k", "hqedit")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class ImageConfig:
     @classmethod
     def real(cls) -> "ImageConfig":
         return cls(size=448, num_query_tokens=64, any_resolution=True)
+
+    def for_task(self, task: str) -> "ImageConfig":
+        """This config with the official per-task grids: 1x1 only for SINGLE_GRID_TASKS."""
+        if self.any_resolution and task in SINGLE_GRID_TASKS:
+            return dataclasses.replace(self, grids=("1x1",))
+        return self
 
 
 def _parse_grid(grid: str) -> tuple[int, int]:

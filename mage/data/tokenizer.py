@@ -89,13 +89,23 @@ def build_tokenizer(name: str = "tiny") -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The real SEED-X tokenizer (LLaMA-2 + image/loc tokens) from a local directory, no network."""
+    """The real SEED-X tokenizer (LLaMA-2 + image/loc tokens) from a local directory, no network.
+
+    With a `tokenizer.model` (SentencePiece) in the folder this is the slow LLaMA tokenizer, as SEED-X
+    configures it (`transformers.LlamaTokenizer`, transformers 4.30): every added token (image, patch,
+    box, loc) splits the text and strips the whitespace on both of its sides, and each remaining piece
+    is encoded by SentencePiece with its dummy-prefix space (`slow_llama_tokenizer`). A folder with
+    only `tokenizer.json` falls back to the fast tokenizer (its spacing around added tokens can differ).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SEED-X tokenizer directory {str(path)!r} does not exist; download the "
                                 f"SEED-X checkpoint (its tokenizer folder) and pass that folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "tokenizer.model").is_file():
+            tokenizer = slow_llama_tokenizer(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"could not load a tokenizer from {str(path)!r} ({exc}); the folder must hold "
                                 f"the SEED-X tokenizer files (tokenizer.model / tokenizer.json and "
@@ -104,6 +114,48 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.unk_token  # SEED-X pads with <unk>
     _check_special_tokens(tokenizer)
     return tokenizer
+
+
+def slow_llama_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """SentencePiece LLaMA tokenizer with transformers 4.30's added-token rule (strip both sides)."""
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise ImportError("the slow LLaMA tokenizer needs sentencepiece: pip install sentencepiece") from None
+    tokenizer = _slow_class().from_pretrained(str(path), local_files_only=True, legacy=True)
+    # transformers 4.30 stripped whitespace on both sides of every added token given as a plain string
+    # (how SEED-X's tokens were added); newer versions keep it unless the token says so.
+    base = tokenizer.sp_model.get_piece_size()
+    decoder = tokenizer._added_tokens_decoder
+    for token_id, token in list(decoder.items()):
+        if token_id >= base:
+            decoder[token_id] = AddedToken(token.content, lstrip=True, rstrip=True, normalized=False,
+                                           special=token.special)
+    tokenizer._update_trie()
+    return tokenizer
+
+
+def _slow_class():
+    """transformers < 5: the slow LlamaTokenizer; >= 5: the generic SentencePiece tokenizer, decoding as
+    LLaMA's slow one did (SentencePiece decodes runs of pieces, so byte-fallback pieces become text)."""
+    try:
+        from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    except ImportError:
+        from transformers import LlamaTokenizer
+        return LlamaTokenizer
+
+    class SlowLlamaTokenizer(SentencePieceBackend):
+        def convert_tokens_to_string(self, tokens: list[str]) -> str:
+            out, run = [], []
+            for token in tokens:
+                if token in self._added_tokens_encoder:  # added and special tokens: verbatim
+                    out += [self.sp_model.decode(run), token]
+                    run = []
+                else:
+                    run.append(token)
+            return "".join(out + [self.sp_model.decode(run)])
+
+    return SlowLlamaTokenizer
 
 
 def _check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:

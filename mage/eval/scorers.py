@@ -6,6 +6,8 @@
   more than twice is wrong; otherwise equal or a substring either way counts, so an empty prediction
   counts as correct). Named, never the default.
 - `box_correct` (RefCOCO): "[x1,y1,x2,y2]" normalised to 0..1, correct if IoU >= 0.5.
+- `ocrvqa_compat`, `box_iou_compat`: the public code's OCRVQA ("Unanswerable" is wrong) and RefCOCO
+  (IoU > 0.5, its parsing quirk included) scorers; `COMPAT_SCORERS` names the official one per task.
 - `feature_cosine_score` (Flickr30k / HQEdit with the tiny model's fixed encoder): 100 x cosine.
 - `error_labels`: per example one of "correct", "IUF" (wrong format), "HAL" (well-formed but wrong),
   "OTH" (cannot be judged), the input of `mage.eval.metrics.continual_metrics(error_labels=...)`.
@@ -49,6 +51,31 @@ def substring_compat(prediction: str, reference: str) -> bool:
         return False
     pred, ref = prediction.upper().strip(), reference.upper().strip()
     return pred == ref or ref in pred or pred in ref
+
+
+def ocrvqa_compat(prediction: str, reference: str) -> bool:
+    """The public code's OCRVQA scorer: substring_compat, but a prediction containing "Unanswerable" is wrong."""
+    return "Unanswerable" not in prediction and substring_compat(prediction, reference)
+
+
+def box_iou_compat(prediction: str, reference: str) -> bool:
+    """The public code's RefCOCO scorer, quirks included: brackets and parentheses removed, then the first
+    and last character dropped (so "[0.27,0.42,0.83,0.73]" reads as .27,0.42,0.83,0.7), four numbers or
+    wrong, IoU > 0.5 (strict) against the reference box."""
+    text = prediction.strip()
+    for c in "[]()":
+        text = text.replace(c, "")
+    try:
+        pred = [float(v) for v in text[1:-1].split(",")]
+        ref = [float(v) for v in reference.replace("[", "").replace("]", "").split(",")]
+    except ValueError:
+        return False
+    return len(pred) == 4 and len(ref) == 4 and box_iou(pred, ref) > IOU_THRESHOLD
+
+
+# The official evaluation's scorer per text task (eval.text_scorer = "compat").
+COMPAT_SCORERS = {"vqav2": "substring_compat", "imagenet": "substring_compat", "ocrvqa": "ocrvqa_compat",
+                  "refcoco": "box_iou_compat"}
 
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
@@ -103,6 +130,8 @@ TEXT_SCORERS: dict[str, Callable[[str, str], bool]] = {
     "exact_match": exact_match,
     "substring_compat": substring_compat,
     "box_iou": box_correct,
+    "ocrvqa_compat": ocrvqa_compat,
+    "box_iou_compat": box_iou_compat,
 }
 
 

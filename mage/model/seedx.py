@@ -209,6 +209,10 @@ class SeedXModel(nn.Module):
         """Greedy continuation of each left-padded prompt, decoded without special tokens."""
         return generation.generate_text(self, batch, max_new_tokens)
 
+    def generate_free(self, batch: dict, max_new_tokens: int = 120) -> "generation.FreeGeneration":
+        """Free-running greedy generation (the model must emit <img> itself): texts and image features."""
+        return generation.generate_free(self, batch, max_new_tokens)
+
     def generate_image_features(self, batch: dict) -> torch.Tensor:
         """(B, Q, D): the output resampler's features for one image generated after each prompt."""
         return generation.generate_image_features(self, batch)

@@ -26,6 +26,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "tiny"                  # "tiny" (CPU-sized SEED-X graph) or "seed-x-13b"
     gradient_checkpointing: bool = False
+    # Start from a fine-tuned agent (the paper's common VQAv2 checkpoint): a file in the official
+    # MAGE/SEED-X PEFT layout or this project's layout (mage.model.convert), loaded after the LoRA wrap.
+    init_from: str = ""
+    # SEED-X's image decoder: a folder in SEED-X's `pretrained/` layout (stable-diffusion-xl-base-1.0/,
+    # seed_detokenizer/first_stage/, seed_detokenizer/second_stage/); "" = no decoding (feature score).
+    decoder_path: str = ""
     # Local SEED-X weights (all four, or none for a random-init model): the agent file (resamplers +
     # patch_pos_embed), the HF LLaMA-2-13B-chat folder, the ViT state dict and the tokenizer folder.
     agent_path: str = ""
@@ -50,6 +56,13 @@ class DataConfig:
     generate_mini: bool = True          # write Continual-NExT-mini into `root` if it is missing
     mini_seed: int = 0
     num_workers: int = 0
+    # Real-release behaviour (docs/REAL_DATA.md); the defaults keep the mini benchmark as it was.
+    edit_filter: bool = False           # drop HQEdit training pairs < 400 px or aspect outside [0.6, 1/0.6]
+    generation_prompt: str = "Please generate the image. {caption}"  # Flickr30k test prompt (caption-only text)
+    per_task_grids: bool = False        # Flickr30k and HQEdit inputs use the 1x1 grid only (SEED-X)
+    polite_reply: bool = False          # image answers supervise a short polite reply before <img>
+    # Leading tasks already trained in model.init_from (the paper's common VQAv2 start): evaluated, not retrained.
+    pretrained_tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,16 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 32
     zero_shot: bool = True              # row 0 of the matrix: every task before any training
+    # Real-release evaluation (docs/REAL_DATA.md); the defaults keep the mini benchmark as it was.
+    image_generation: str = "forced"    # forced (prompt ends with <img>) | free (model must emit <img>: SEED-X)
+    text_scorer: str = "default"        # default (normalised exact match, IoU >= 0.5) | compat (public MAGE code)
+    image_scorer: str = "feature_cosine"  # feature_cosine (tiny stand-in, not CLIP) | clip (decode + CLIP ViT-B/32)
+    clip_path: str = ""                 # local transformers CLIP folder (ViT-B/32), for image_scorer = clip
+    decode_steps: int = 50              # SEED-X decoder: Euler steps, guidance, output side, seed
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5   # editing (HQEdit) only
+    decode_size: int = 1024
+    decode_seed: int = 42
 
 
 @dataclass(frozen=True)
@@ -133,7 +156,8 @@ SECTIONS: dict[str, type] = {
 # Fields that may change between a run and its resumption: they do not change what is computed.
 RESUME_FREE_FIELDS = frozenset({
     "data.root", "data.num_workers", "data.generate_mini", "train.device", "run.out_dir", "run.checkpoint_every",
-    "run.log_every", "run.progress", "run.tensorboard", "train.max_nonfinite_steps",
+    "run.log_every", "run.progress", "run.tensorboard", "train.max_nonfinite_steps", "eval.clip_path",
+    "model.decoder_path",
 })
 
 
@@ -397,10 +421,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     """Fields (outside RESUME_FREE_FIELDS) whose values differ between a saved flat config and ``current``."""
     now = current.flat()
+    defaults = Config().flat()
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_FREE_FIELDS:
             continue
+        if key not in saved and now.get(key) == defaults.get(key):
+            continue  # a field added after the checkpoint was written, at its default: same computation
         a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
         if isinstance(a, list):
             a = tuple(a)

@@ -9,7 +9,7 @@ import torch
 
 from mage.data.dataset import build_dataloader
 from mage.data.images import ImageConfig
-from mage.data.readers import load_train_records, preflight
+from mage.data.readers import ReaderOptions, load_train_records, preflight
 from mage.data.tasks import TASK_NAMES, TaskSpec, get_task, task_order
 from mage.trainer.config import ConfigError
 from mage.trainer.distributed import DistInfo, barrier
@@ -30,6 +30,19 @@ def check_task_overrides(overrides: dict, tasks: list[TaskSpec]) -> None:
         raise ConfigError(f"task_overrides name unknown task(s) {unknown}; valid tasks: {', '.join(TASK_NAMES)}")
 
 
+def check_pretrained_tasks(cfg, tasks: list[TaskSpec]) -> None:
+    """data.pretrained_tasks must be the first tasks of the sequence and need model.init_from."""
+    names = [t.name for t in tasks]
+    try:
+        done = [get_task(n).name for n in cfg.data.pretrained_tasks]
+    except KeyError as e:
+        raise ConfigError(f"data.pretrained_tasks: {e.args[0]}") from None
+    if done and not cfg.model.init_from:
+        raise ConfigError(f"data.pretrained_tasks {done} are taken from a checkpoint: set model.init_from")
+    if done != names[:len(done)]:
+        raise ConfigError(f"data.pretrained_tasks {done} must be the first task(s) of the sequence {names}")
+
+
 def prepare_data(cfg, info: DistInfo, tasks: list[TaskSpec]) -> Path:
     """The data root, checked; Continual-NExT-mini is generated there first when it is absent and allowed."""
     root = Path(cfg.root)
@@ -48,28 +61,41 @@ def prepare_data(cfg, info: DistInfo, tasks: list[TaskSpec]) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         barrier()
-    preflight([t.name for t in tasks], root)
+    preflight([t.name for t in tasks], root, options=reader_options(cfg))
     return root
 
 
-def image_config(model) -> ImageConfig:
+def reader_options(cfg) -> ReaderOptions:
+    """The readers' choices of a DataConfig (official filter and prompt, or the mini defaults)."""
+    try:
+        return ReaderOptions(edit_filter=cfg.edit_filter, generation_prompt=cfg.generation_prompt)
+    except ValueError as e:
+        raise ConfigError(f"data.generation_prompt: {e}") from None
+
+
+def image_config(model, task: str | None = None, per_task_grids: bool = False) -> ImageConfig:
+    """The image views of a model (global only on tiny, any resolution on the real one); with
+    `per_task_grids`, the tasks SEED-X runs on the 1x1 grid only (Flickr30k, HQEdit) get that grid."""
     cfg = ImageConfig.tiny() if model.config.name == "tiny" else ImageConfig.real()
     if cfg.num_query_tokens != model.num_image_tokens:
         raise ValueError(f"image config gives {cfg.num_query_tokens} tokens per view but model "
                          f"{model.config.name!r} expects {model.num_image_tokens}")
-    return cfg
+    return cfg.for_task(task) if per_task_grids and task is not None else cfg
 
 
 class TrainStream:
     """An endless, resumable stream of training batches of one task (epoch after epoch)."""
 
     def __init__(self, task: TaskSpec, root: Path, model, *, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0):
-        records = load_train_records(task.name, root)
+                 num_workers: int = 0, data_cfg=None):
+        options = reader_options(data_cfg) if data_cfg is not None else None
+        per_task_grids = bool(data_cfg is not None and data_cfg.per_task_grids)
+        records = load_train_records(task.name, root, options)
         # Each task shuffles with its own seed, so task order does not change a task's batches.
-        self.loader = build_dataloader(records, model.tokenizer, image_config(model), batch_size,
-                                       seed=seed * 1000 + TASK_NAMES.index(task.name), mode="train", rank=rank,
-                                       world_size=world_size, num_workers=num_workers)
+        self.loader = build_dataloader(records, model.tokenizer, image_config(model, task.name, per_task_grids),
+                                       batch_size, seed=seed * 1000 + TASK_NAMES.index(task.name), mode="train",
+                                       rank=rank, world_size=world_size, num_workers=num_workers,
+                                       polite_reply=bool(data_cfg is not None and data_cfg.polite_reply))
         self._it = None
 
     def _first_of_new_epoch(self) -> dict:

@@ -27,10 +27,11 @@ from mage.model.checkpoint import load_seed_x
 from mage.model.pretrain import load_base_, resolve_base
 from mage.trainer.checkpoint import CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint
 from mage.trainer.config import Config, config_differences, save_config
-from mage.trainer.data import TrainStream, check_task_overrides, prepare_data, resolve_tasks, to_device
+from mage.trainer.data import (TrainStream, check_pretrained_tasks, check_task_overrides, prepare_data, resolve_tasks,
+                               to_device)
 from mage.trainer.distributed import DistInfo, barrier
 from mage.trainer.engine import DDPEngine, build_engine, check_engine, prune_engine_shards, trainables_to_fp32_
-from mage.trainer.evaluate import evaluate_tasks
+from mage.trainer.evaluate import check_eval_config, evaluate_tasks, scorer_names
 from mage.trainer.logging import RunLogger
 from mage.trainer.report import compute_metrics, format_matrix, format_metrics, write_reports
 
@@ -79,6 +80,10 @@ def build_trainable_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     lora = cfg.lora
     wrap_llama_lora(model.llm, rank=lora.rank, num_groups=lora.num_groups, alpha=lora.alpha, dropout=lora.dropout,
                     backend=lora.backend)
+    if cfg.model.init_from:
+        from mage.model.convert import load_init
+        report = load_init(model, cfg.model.init_from)
+        print(f"initialised from {cfg.model.init_from}: {report.summary()}", flush=True)
     return model
 
 
@@ -144,6 +149,9 @@ class SequenceTrainer:
         self.tasks = resolve_tasks(cfg.data)
         self.bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and info.device.type == "cuda")
         check_task_overrides(cfg.task_overrides, self.tasks)
+        check_pretrained_tasks(cfg, self.tasks)
+        for task in self.tasks:  # a CLIP score without CLIP or decoder fails now, not after the first task
+            check_eval_config(cfg.for_task(task.name).eval, task, cfg.model.decoder_path)
         check_engine(cfg.train, info.device)
         self.data_root = prepare_data(cfg.data, info, self.tasks)
         # Same seed on every rank for the weights; per-rank streams below for dropout.
@@ -221,9 +229,13 @@ class SequenceTrainer:
         self.log.message(f"resuming from {self.ckpt_dir} at task {state['task'] + 1}, step {state['step']}")
 
     # -- evaluation
+    def _eval_for(self, task: str):
+        return self.cfg.for_task(task).eval
+
     def _evaluate_row(self, after: int) -> list[float]:
         scores, labels = evaluate_tasks(self.model, self.tasks, self.data_root, self.cfg.eval, self.info, self.bf16,
-                                        progress=self.log.eval_bar(after))
+                                        progress=self.log.eval_bar(after), eval_for=self._eval_for,
+                                        data_cfg=self.cfg.data, decoder_path=self.cfg.model.decoder_path)
         if after >= 1:  # keyed by the 0-based index of the last trained task
             for i, lab in labels.items():
                 self.progress.labels[f"{after - 1},{i}"] = lab
@@ -233,6 +245,9 @@ class SequenceTrainer:
     # -- training one task
     def _train_task(self, k: int) -> None:
         task = self.tasks[k]
+        if task.name in self.cfg.data.pretrained_tasks:  # trained by model.init_from: evaluated, not retrained
+            self.log.message(f"task {k + 1} ({task.name}): taken from {self.cfg.model.init_from}, not retrained")
+            return
         cfg = self.cfg.for_task(task.name)
         total = cfg.train.steps_per_task
         self.method.steps_in_task = total
@@ -241,7 +256,7 @@ class SequenceTrainer:
                               total, self.info)
         stream = TrainStream(task, self.data_root, self.model, batch_size=cfg.train.batch_size,
                              seed=cfg.train.seed, rank=self.info.rank, world_size=self.info.world_size,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, data_cfg=cfg.data)
         resume = self.resume_state
         if resume is not None and resume["state"]["task"] == k:
             st = resume["state"]
@@ -362,7 +377,8 @@ class SequenceTrainer:
             metrics.update(error_type_forgetting([labels[(last, i)] for i in labelled],
                                                  [labels[(i, i)] for i in labelled]))
         if self.info.is_main:
-            write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics)
+            write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics,
+                          scorers=scorer_names(self.tasks, self._eval_for))
         return metrics
 
 

@@ -42,10 +42,11 @@ def format_metrics(metrics: dict) -> str:
 
 
 def write_reports(run_dir: Path, tasks: list[str], rows: list[list[float]], zero_shot: list[float] | None,
-                  metrics: dict) -> None:
+                  metrics: dict, scorers: dict[str, str] | None = None) -> None:
+    """`scorers`: task -> what its score is (e.g. "feature-cosine stand-in (not CLIP)"), written with the numbers."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "accuracy_matrix.json").write_text(json.dumps(
-        {"tasks": tasks, "zero_shot": zero_shot, "matrix": rows,
+        {"tasks": tasks, "zero_shot": zero_shot, "matrix": rows, "scorers": scorers,
          "note": "matrix[j][i] = score on task i after training task j (0-based); zero_shot = before training"},
         indent=2) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -55,6 +56,8 @@ def write_reports(run_dir: Path, tasks: list[str], rows: list[list[float]], zero
               for key, label in METRIC_ROWS]
     lines += ["", "Forgetting (paper form) = mean_i (A[i][i] - A[T][i]); max form uses max_j A[j][i].", "",
               "## Accuracy matrix", "", "```", format_matrix(tasks, rows, zero_shot), "```", ""]
+    if scorers:
+        lines += ["## Scores", ""] + [f"- {t}: {scorers[t]}" for t in tasks if t in scorers] + [""]
     (run_dir / "metrics.md").write_text("\n".join(lines))
     _heatmap(run_dir / "accuracy_matrix.png", tasks, rows, zero_shot)
 
