@@ -40,5 +40,5 @@ def test_model_trains_and_generates_on_collated_batches():
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
     image_prompts = collate([examples()[i] for i in (1, 2)], model.tokenizer, cfg, mode="generate")
     features = model.generate_image_features(image_prompts)
-    assert features.shape == (2, 16, 128)
+    assert features.shape == (2, 16, model.config.vision.output_dim)
     assert model.encode_image_features(image_prompts["target_images"]).shape == features.shape

@@ -116,7 +116,7 @@ def test_image_features_are_the_teacher_forced_output_resampler(model, ends_with
     suffix = ("<img>",) if ends_with_boi else ()
     batch, _ = prompts(model, ("text", "edit", "vqa"), suffix=suffix)
     features = model.generate_image_features(batch)
-    assert features.shape == (3, 16, 128)
+    assert features.shape == (3, 16, model.config.vision.output_dim)
     image_tokens = tok.convert_tokens_to_ids([f"<img_{i:05d}>" for i in range(16)])
     for row in range(3):
         alone = single(batch, row)
@@ -140,7 +140,7 @@ def test_mixed_boi_endings_are_rejected(model):
 def test_encode_image_features_is_the_pooled_vit_output(model):
     images = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(4))
     features = model.encode_image_features(images)
-    assert features.shape == (3, 16, 128) and not features.requires_grad
+    assert features.shape == (3, 16, model.config.vision.output_dim) and not features.requires_grad
     vit = model.visual_encoder(images)
     torch.testing.assert_close(features, F.avg_pool1d(vit.transpose(1, 2), 4).transpose(1, 2))
     torch.testing.assert_close(features[:, 1], vit[:, 4:8].mean(dim=1))

@@ -119,7 +119,7 @@ def test_vit_forward_and_names():
     assert "conv1.bias" not in names
     images = torch.randn(2, 3, 112, 112)
     out = vit(images)
-    assert out.shape == (2, 64, 128)
+    assert out.shape == (2, 64, config.output_dim)
     # written-out forward: patches row-major + resized positions, pre-norm blocks, pool, ln_post, proj
     x = F.conv2d(images, vit.conv1.weight, stride=14).flatten(2).transpose(1, 2)
     x = vit.ln_pre(x + resize_pos_embed(vit.positional_embedding, 64))

@@ -5,17 +5,18 @@ This mixture gives the tiny SEED-X such skills with prompts that are NOT the Con
 prompts (`mage.data.vocab` PRETRAIN_*): the tasks then build on them, as the paper's tasks build on
 SEED-X's pretraining. Examples are drawn in memory (no files) from one `random.Random(seed)`.
 
-| skill | prompt | answer |
+| skill | prompts (one drawn per example; `vocab.PRETRAIN_PROMPTS`) | answer |
 |---|---|---|
-| describe a scene | "Describe the image." | "a red circle at the top left and a blue square at the center" |
-| describe an object | "Describe the image." (ImageNet-style drawing) | "a cyan ring" |
-| count | "Count the shapes." | "2" |
-| locate | "Which part of the picture is the red circle in?" | "top left" |
-| name | "Name the red thing." | "circle" |
-| read | "Read the digits." | "47" |
-| point | "Give the center of the red circle." | "[0.17,0.50]" |
-| draw (text -> image) | "Draw a red circle at the top left." | the image |
-| copy (image -> image) | "Copy the picture." | the same image |
+| describe | "Describe the image." (a scene, or an ImageNet-style drawing) | "a red circle at the top left and ...", "a cyan ring" |
+| count | "Count the shapes.", "How many shapes are there?", ... | "2" |
+| locate | "Which part of the picture is the red circle in?", "Find the red circle.", ... | "top left" |
+| name | "Name the red thing.", "Which shape is red?", ... | "circle" |
+| color | "Which color is the circle?", "Name the color of the circle." | "red" |
+| classify | "Which object is this?", "Name the object." | "star" |
+| read | "Read the digits.", "Which number is shown?", ... | "47" |
+| point | "Give the center of the red circle.", "Point to the red circle." | "[0.17,0.50]" |
+| draw (text -> image) | "Draw a red circle at the top left.", "Paint ..." | the image |
+| copy (image -> image) | "Copy the picture.", "Repeat the picture." | the same image |
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from mage.data.draw import canvas, draw_class
 from mage.data.images import ImageConfig, image_views, target_view
 from mage.data.mini import _position_xy, _render, _scene, cell_name, draw_number, random_number
 
-SKILLS = ("describe", "describe_object", "count", "locate", "name", "read", "point", "draw", "copy")
+SKILLS = ("describe", "describe_object", "count", "locate", "name", "color", "classify", "read", "point", "draw",
+          "copy")
 # Text skills dominate, as in an MLLM's pretraining; draw and copy train the image output path.
-SKILL_WEIGHTS = (3, 1, 1, 2, 1, 2, 2, 2, 1)
+SKILL_WEIGHTS = (2, 1, 1, 2, 1, 1, 1, 2, 2, 2, 1)
 
 
 def _describe(objs, size: int) -> str:
@@ -43,41 +45,49 @@ def _scene_objs(rng: random.Random, size: int):
     return _scene(rng, size, rng.randint(1, 3), (size // 9, size // 7), size // 48)
 
 
+def _prompt(rng: random.Random, skill: str, **fields) -> str:
+    return rng.choice(vocab.PRETRAIN_PROMPTS[skill]).format(**fields)
+
+
 def draw_skill(rng: random.Random, skill: str, size: int):
     """(instruction, answer text, input image or None, target image or None) of one example."""
-    if skill == "describe_object":
+    if skill in ("describe_object", "classify"):
         cls = rng.choice(vocab.CLASSES)
         img, d = canvas(size)
         c, j = size // 2, size // 16
         color = vocab.CLASS_COLORS[cls]
         draw_class(d, cls, color, c + rng.randint(-j, j), c + rng.randint(-j, j),
                    rng.randint(size * 3 // 10, size // 3), rng)
-        return vocab.PRETRAIN_DESCRIBE, vocab.PRETRAIN_DESCRIBE_CLASS.format(
+        if skill == "classify":
+            return _prompt(rng, "classify"), cls, img, None
+        return _prompt(rng, "describe"), vocab.PRETRAIN_DESCRIBE_CLASS.format(
             article=vocab.article(color), color=color, cls=cls), img, None
     if skill == "read":
         text = random_number(rng)
-        return vocab.PRETRAIN_READ, text, draw_number(rng, size, text, rng.choice(tuple(vocab.COLORS))), None
+        return _prompt(rng, "read"), text, draw_number(rng, size, text, rng.choice(tuple(vocab.COLORS))), None
     if skill == "draw":
         s, col, pos = rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)), rng.choice(vocab.CELL_NAMES)
         cx, cy = _position_xy(rng, size, pos)
         description = vocab.PRETRAIN_DESCRIBE_OBJECT.format(article=vocab.article(col), color=col, shape=s, position=pos)
-        return vocab.PRETRAIN_DRAW.format(description=description), "", None, \
+        return _prompt(rng, "draw", description=description), "", None, \
             _render([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
     objs = _scene_objs(rng, size)
     img = _render(objs, size)
     s, col, cx, cy, _ = rng.choice(objs)
     if skill == "describe":
-        return vocab.PRETRAIN_DESCRIBE, _describe(objs, size), img, None
+        return _prompt(rng, "describe"), _describe(objs, size), img, None
     if skill == "count":
-        return vocab.PRETRAIN_COUNT, str(len(objs)), img, None
+        return _prompt(rng, "count"), str(len(objs)), img, None
     if skill == "locate":
-        return vocab.PRETRAIN_LOCATE.format(color=col, shape=s), cell_name(cx, cy, size), img, None
+        return _prompt(rng, "locate", color=col, shape=s), cell_name(cx, cy, size), img, None
     if skill == "name":
-        return vocab.PRETRAIN_NAME.format(color=col), s, img, None
+        return _prompt(rng, "name", color=col), s, img, None
+    if skill == "color":
+        return _prompt(rng, "color", shape=s), col, img, None
     if skill == "point":
-        return vocab.PRETRAIN_POINT.format(color=col, shape=s), f"[{cx / size:.2f},{cy / size:.2f}]", img, None
+        return _prompt(rng, "point", color=col, shape=s), f"[{cx / size:.2f},{cy / size:.2f}]", img, None
     if skill == "copy":
-        return vocab.PRETRAIN_COPY, "", img, img
+        return _prompt(rng, "copy"), "", img, img
     raise ValueError(f"unknown pretraining skill {skill!r}; skills: {', '.join(SKILLS)}")
 
 

@@ -70,19 +70,25 @@ EDIT_INSTRUCTIONS = {
 }
 PROMPT_TEMPLATE = "[INST] {instruction} [/INST]\n"
 
-# The base model's pretraining mixture (mage.data.pretrain_mix): general skills, never a task prompt.
-PRETRAIN_DESCRIBE = "Describe the image."                     # -> "a red circle at the top left and ..."
+# The base model's pretraining mixture (mage.data.pretrain_mix): general skills, each asked in a few
+# phrasings (so the base learns the question, not one template), never a task prompt.
+PRETRAIN_PROMPTS = {
+    "describe": ("Describe the image.", "Describe the picture."),  # -> "a red circle at the top left and ..."
+    "count": ("Count the shapes.", "How many shapes are there?", "Count the things in the picture."),  # -> "2"
+    "locate": ("Which part of the picture is the {color} {shape} in?", "In which part is the {color} {shape}?",
+               "Find the {color} {shape}."),                                           # -> "top left"
+    "name": ("Name the {color} thing.", "Which shape is {color}?", "What is the {color} thing?"),  # -> "circle"
+    "color": ("Which color is the {shape}?", "Name the color of the {shape}."),         # -> "red"
+    "classify": ("Which object is this?", "Name the object."),                           # -> "star"
+    "read": ("Read the digits.", "Which number is shown?", "Read the number in the picture."),  # -> "47"
+    "point": ("Give the center of the {color} {shape}.", "Point to the {color} {shape}."),  # -> "[0.50,0.17]"
+    "draw": ("Draw {description}.", "Paint {description}."),                             # -> image
+    "copy": ("Copy the picture.", "Repeat the picture."),                                 # image -> the same image
+}
 PRETRAIN_DESCRIBE_OBJECT = "{article} {color} {shape} at the {position}"
 PRETRAIN_DESCRIBE_CLASS = "{article} {color} {cls}"           # an ImageNet-class drawing, described
-PRETRAIN_COUNT = "Count the shapes."                          # -> "2"
-PRETRAIN_LOCATE = "Which part of the picture is the {color} {shape} in?"   # -> "top left"
-PRETRAIN_NAME = "Name the {color} thing."                     # -> "circle" / "star"
-PRETRAIN_READ = "Read the digits."                            # -> "47"
-PRETRAIN_POINT = "Give the center of the {color} {shape}."    # -> "[0.50,0.17]"
-PRETRAIN_DRAW = "Draw {description}."                         # -> image
-PRETRAIN_COPY = "Copy the picture."                           # image -> the same image
-PRETRAIN_TEXTS = (PRETRAIN_DESCRIBE, PRETRAIN_DESCRIBE_OBJECT, PRETRAIN_DESCRIBE_CLASS, PRETRAIN_COUNT,
-                  PRETRAIN_LOCATE, PRETRAIN_NAME, PRETRAIN_READ, PRETRAIN_POINT, PRETRAIN_DRAW, PRETRAIN_COPY)
+PRETRAIN_TEXTS = (PRETRAIN_DESCRIBE_OBJECT, PRETRAIN_DESCRIBE_CLASS,
+                  *(p for prompts in PRETRAIN_PROMPTS.values() for p in prompts))
 # The polite reply of SEED-X's editing recipe is not used: image answers are the image tokens only.
 
 # Extra words kept in the tiny vocabulary so that natural variants of the prompts still tokenize.
