@@ -57,6 +57,11 @@ def prepare_data(cfg, info: DistInfo, tasks: list[TaskSpec]) -> Path:
             try:
                 generate(tmp, seed=cfg.mini_seed)
                 tmp.rename(root)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not root.is_dir():
+                    raise
+                # Another run sharing the data root generated the same files first: use those.
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
