@@ -23,7 +23,8 @@ def kept_fraction_of_linear_path(beta: float, steps: int) -> float:
     return sum((1 - beta) * beta ** (steps - t) * t / steps for t in range(1, steps + 1))
 
 
-def walk_linear_path(method, model, steps: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def walk_linear_path(method, model, steps: int, seed: int = 0,
+                     before_step=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Set every trainable LoRA tensor to theta_0 + (t/N) D for t = 1..N, one PEMA step each."""
     gen = torch.Generator().manual_seed(seed)
     named = method._trainable_lora()
@@ -33,6 +34,8 @@ def walk_linear_path(method, model, steps: int, seed: int = 0) -> dict[str, tupl
         with torch.no_grad():
             for n, p in named:
                 p.copy_(start[n] + direction[n] * (t / steps))
+        if before_step is not None:
+            before_step()
         method.after_optimizer_step()
     return {n: (start[n], direction[n]) for n in start}
 
@@ -85,19 +88,9 @@ def _inject_fisher(model, per_example: float, count: int = 4) -> None:
 
 
 def _fisher_task(method, model, steps: int, fisher: float, seed: int):
-    gen = torch.Generator().manual_seed(seed)
     method.steps_in_task = steps
     method.on_task_start(GROUPS)
-    named = method._trainable_lora()
-    start = {n: p.detach().clone() for n, p in named}
-    direction = {n: torch.randn(p.shape, generator=gen) for n, p in named}
-    for t in range(1, steps + 1):
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(start[n] + direction[n] * (t / steps))
-        _inject_fisher(model, fisher)
-        method.after_optimizer_step()
-    return {n: (start[n], direction[n]) for n in start}
+    return walk_linear_path(method, model, steps, seed, before_step=lambda: _inject_fisher(model, fisher))
 
 
 def test_fisher_mode_compares_like_with_like():
