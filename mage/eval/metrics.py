@@ -39,8 +39,9 @@ def error_type_forgetting(labels_final: Sequence[Sequence[str]],
     """Avg.X (Eqs. 8-10), in percent: the share of task i's examples that are errors of type X after the
     last task but were not errors of type X right after task i, averaged over tasks i < T.
 
-    ``labels_final[i]`` and ``labels_after_own[i]`` are per-example labels (one of LABELS) for the
-    earlier tasks i < T, after the last task and after task i itself.
+    ``labels_final[i]`` and ``labels_after_own[i]`` are per-example labels (one of LABELS) for EVERY
+    earlier task i < T (SPEC section 6: image tasks included, labelled by ``image_error_labels``), after
+    the last task and after task i itself.
     """
     if len(labels_final) != len(labels_after_own):
         raise ValueError(f"error labels: {len(labels_final)} tasks after the last task but "

@@ -106,6 +106,10 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 32
     zero_shot: bool = True              # row 0 of the matrix: every task before any training
+    # An image answer scoring below this (per example, same scale as the task score) is labelled a
+    # hallucination in the error-type forgetting (Avg.HAL); 50 sits between the mini benchmark's
+    # untrained (~0) and learned (~90) centred feature scores.
+    image_label_threshold: float = 50.0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from mage.data.dataset import build_dataloader
 from mage.data.readers import Record, load_test_records
 from mage.data.tasks import TaskSpec
-from mage.eval.scorers import error_labels, feature_cosine_score, score_text
+from mage.eval.scorers import error_labels, feature_cosine_score, image_error_labels, score_text
 from mage.trainer.data import image_config, to_device
 from mage.trainer.distributed import DistInfo
 
@@ -70,7 +70,8 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], cfg, info: Dist
 
 def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo, bf16: bool,
                    progress: Callable[[int], object] | None = None) -> tuple[list[float], dict[int, list[str]]]:
-    """Scores (percent) of every task in order, and per-example error labels of the text tasks."""
+    """Scores (percent) of every task in order, and per-example error labels of every task (image tasks:
+    a score below ``cfg.image_label_threshold`` is a hallucination, see ``image_error_labels``)."""
     was_training = model.training
     model.eval()
     bar = progress(len(tasks)) if progress is not None else None
@@ -93,6 +94,7 @@ def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo
                 labels[i] = error_labels(task.name, outputs, references, correct=correct)
             else:
                 score = sum(outputs) / len(outputs)
+                labels[i] = image_error_labels(outputs, cfg.image_label_threshold)
             scores.append(score)
             if bar is not None:
                 bar.update(1)

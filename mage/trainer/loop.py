@@ -312,12 +312,13 @@ class SequenceTrainer:
         if not p.rows:
             return {}
         metrics = compute_metrics(p.rows, p.zero_shot if self.cfg.eval.zero_shot else None)
-        # Error-type forgetting (Eqs. 8-10) over the earlier tasks whose answers carry labels (text tasks).
+        # Error-type forgetting (Eqs. 8-10) over ALL earlier tasks, image tasks included (SPEC section 6);
+        # left out (n/a) rather than averaged over a subset when some labels are missing.
         labels, last = p.error_labels(), len(p.rows) - 1
-        labelled = [i for i in range(last) if (i, i) in labels and (last, i) in labels]
-        if labelled:
-            metrics.update(error_type_forgetting([labels[(last, i)] for i in labelled],
-                                                 [labels[(i, i)] for i in labelled]))
+        earlier = range(last)
+        if last >= 1 and all((i, i) in labels and (last, i) in labels for i in earlier):
+            metrics.update(error_type_forgetting([labels[(last, i)] for i in earlier],
+                                                 [labels[(i, i)] for i in earlier]))
         if self.info.is_main:
             write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics)
         return metrics
