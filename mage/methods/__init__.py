@@ -10,9 +10,10 @@ from mage.methods.finetune import EqualWeight, GroupMasked, SequentialLoRA
 from mage.methods.mage import MAGE
 from mage.methods.moelora import MoELoRA
 from mage.methods.pgp import PGP
+from mage.methods.reglora import RegLoRA
 
 METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA)}
+    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA, RegLoRA)}
 
 
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
@@ -23,4 +24,4 @@ def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
 
 
 __all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
-           "CIA", "PGP", "MoELoRA"]
+           "CIA", "PGP", "MoELoRA", "RegLoRA"]

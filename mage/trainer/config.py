@@ -74,6 +74,9 @@ class MethodConfig:
     pgp_tokens_per_example: int = 8     # activation rows sampled per example (valid tokens) per layer
     pgp_threshold: float = 0.97         # GPM energy threshold epsilon
     pgp_max_basis: float = 0.5          # cap on a basis' size, as a fraction of the layer's input width
+    reglora_lambda: float = 2500.0      # RegLoRA: weight of mean |(B A)_ij| over the stored key positions
+    reglora_top_fraction: float = 0.02  # RegLoRA: share of |B A| entries kept as key positions per task
+    lae_momentum: float = 0.99          # LAE: offline EMA m (the paper's 0.99; the LAE reference uses 0.9999)
 
 
 @dataclass(frozen=True)
