@@ -7,13 +7,14 @@ from mage.methods.base import ContinualMethod
 from mage.methods.cia import CIA
 from mage.methods.ewc import EWC
 from mage.methods.finetune import EqualWeight, GroupMasked, SequentialLoRA
+from mage.methods.lae import LAE
 from mage.methods.mage import MAGE
 from mage.methods.moelora import MoELoRA
 from mage.methods.pgp import PGP
 from mage.methods.reglora import RegLoRA
 
 METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA, RegLoRA)}
+    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA, RegLoRA, LAE)}
 
 
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
@@ -24,4 +25,4 @@ def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
 
 
 __all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
-           "CIA", "PGP", "MoELoRA", "RegLoRA"]
+           "CIA", "PGP", "MoELoRA", "RegLoRA", "LAE"]

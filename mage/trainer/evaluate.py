@@ -22,13 +22,14 @@ from mage.trainer.data import image_config, to_device
 from mage.trainer.distributed import DistInfo
 
 
-def image_features(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def image_features(model, batch: dict, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(generated, target) features (M, Q, D), float32, one output image per example."""
     targets = batch.get("target_images")
     if targets is None or targets.shape[0] != len(batch["example_ids"]):
         raise ValueError("image-output test records need their target image for the feature score (the real "
                          "Flickr30k test set has captions only: score it with a CLIP text-image model instead)")
-    return model.generate_image_features(batch).float(), model.encode_image_features(targets).float()
+    generator = model if generator is None else generator
+    return generator.generate_image_features(batch).float(), model.encode_image_features(targets).float()
 
 
 def centred_feature_scores(generated: list[torch.Tensor], targets: list[torch.Tensor], model,
@@ -47,8 +48,10 @@ def centred_feature_scores(generated: list[torch.Tensor], targets: list[torch.Te
 
 
 @torch.no_grad()
-def _evaluate_task(model, task: TaskSpec, records: list[Record], cfg, info: DistInfo, bf16: bool):
-    """(index, prediction text or image score) for this rank's share of ``records``."""
+def _evaluate_task(model, task: TaskSpec, records: list[Record], cfg, info: DistInfo, bf16: bool, generator=None):
+    """(index, prediction text or image score) for this rank's share of ``records``; ``generator`` (a method's
+    decoding, e.g. LAE's two models) replaces the model's generate_text / generate_image_features."""
+    generator = model if generator is None else generator
     mine = list(range(info.rank, len(records), info.world_size))
     shard = [records[i] for i in mine]
     loader = build_dataloader(shard, model.tokenizer, image_config(model), cfg.batch_size, mode="generate",
@@ -58,9 +61,9 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], cfg, info: Dist
         batch = to_device(batch, info.device)
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
             if task.output == "text":
-                texts += model.generate_text(batch, cfg.max_new_tokens)
+                texts += generator.generate_text(batch, cfg.max_new_tokens)
             else:
-                g, t = image_features(model, batch)
+                g, t = image_features(model, batch, generator)
                 generated.append(g)
                 targets.append(t)
     if task.output == "text":
@@ -69,7 +72,8 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], cfg, info: Dist
 
 
 def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo, bf16: bool,
-                   progress: Callable[[int], object] | None = None) -> tuple[list[float], dict[int, list[str]]]:
+                   progress: Callable[[int], object] | None = None,
+                   generator=None) -> tuple[list[float], dict[int, list[str]]]:
     """Scores (percent) of every task in order, and per-example error labels of every task (image tasks:
     a score below ``cfg.image_label_threshold`` is a hallucination, see ``image_error_labels``)."""
     was_training = model.training
@@ -81,7 +85,7 @@ def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo
             records = load_test_records(task.name, root)
             if cfg.max_examples:
                 records = records[:cfg.max_examples]
-            local = _evaluate_task(model, task, records, cfg, info, bf16)
+            local = _evaluate_task(model, task, records, cfg, info, bf16, generator)
             if info.distributed:
                 parts = [None] * info.world_size
                 dist.all_gather_object(parts, local)

@@ -204,7 +204,7 @@ class SequenceTrainer:
     # -- evaluation
     def _evaluate_row(self, after: int) -> list[float]:
         scores, labels = evaluate_tasks(self.model, self.tasks, self.data_root, self.cfg.eval, self.info, self.bf16,
-                                        progress=self.log.eval_bar(after))
+                                        progress=self.log.eval_bar(after), generator=self.method.generator())
         if after >= 1:  # keyed by the 0-based index of the last trained task
             for i, lab in labels.items():
                 self.progress.labels[f"{after - 1},{i}"] = lab
