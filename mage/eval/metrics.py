@@ -99,3 +99,14 @@ def continual_metrics(matrix: Sequence[Sequence[float]], zero_shot_row: Sequence
             raise ValueError(f"error labels missing for (after task, task) = {e.args[0]}") from None
         result.update(error_type_forgetting(final, own))
     return result
+
+
+def single_phase_metrics(row: Sequence[float]) -> dict:
+    """Metrics of a run with one evaluation row: joint training (one phase on all tasks) or zero-shot (none).
+
+    Avg.ACC is the row's mean, and so is New.ACC (each task's score right after the phase that trained it
+    is that row); Forgetting, BWT, FWT and the error types need several rows and are None.
+    """
+    rows, _ = _check_matrix([list(row)] * len(row))
+    return {"num_tasks": len(row), "avg_acc": _mean(rows[0]), "new_acc": _mean(rows[0]), "forgetting": None,
+            "forgetting_max": None, "bwt": None, "fwt": None, "avg_iuf": None, "avg_hal": None, "avg_oth": None}

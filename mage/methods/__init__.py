@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from mage.methods.base import ContinualMethod
+from mage.methods.bounds import Joint, ZeroShot
 from mage.methods.cia import CIA
 from mage.methods.ewc import EWC
 from mage.methods.finetune import EqualWeight, GroupMasked, SequentialLoRA
@@ -14,7 +15,8 @@ from mage.methods.pgp import PGP
 from mage.methods.reglora import RegLoRA
 
 METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA, RegLoRA, LAE)}
+    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA, RegLoRA, LAE,
+                Joint, ZeroShot)}
 
 
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
@@ -25,4 +27,4 @@ def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
 
 
 __all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
-           "CIA", "PGP", "MoELoRA", "RegLoRA", "LAE"]
+           "CIA", "PGP", "MoELoRA", "RegLoRA", "LAE", "Joint", "ZeroShot"]

@@ -60,15 +60,22 @@ def image_config(model) -> ImageConfig:
     return cfg
 
 
-class TrainStream:
-    """An endless, resumable stream of training batches of one task (epoch after epoch)."""
+# Shuffle seed offset of the joint stream (all tasks mixed); single tasks use their index 0..5.
+JOINT_SEED_OFFSET = 997
 
-    def __init__(self, task: TaskSpec, root: Path, model, *, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0):
-        records = load_train_records(task.name, root)
+
+class TrainStream:
+    """An endless, resumable stream of training batches of one task (epoch after epoch), or of several tasks'
+    records shuffled together (joint training) when ``task`` is a list."""
+
+    def __init__(self, task: TaskSpec | list[TaskSpec], root: Path, model, *, batch_size: int, seed: int, rank: int,
+                 world_size: int, num_workers: int = 0):
+        tasks = list(task) if isinstance(task, (list, tuple)) else [task]
+        records = [r for t in tasks for r in load_train_records(t.name, root)]
         # Each task shuffles with its own seed, so task order does not change a task's batches.
+        offset = TASK_NAMES.index(tasks[0].name) if len(tasks) == 1 else JOINT_SEED_OFFSET
         self.loader = build_dataloader(records, model.tokenizer, image_config(model), batch_size,
-                                       seed=seed * 1000 + TASK_NAMES.index(task.name), mode="train", rank=rank,
+                                       seed=seed * 1000 + offset, mode="train", rank=rank,
                                        world_size=world_size, num_workers=num_workers)
         self._it = None
 
