@@ -66,6 +66,8 @@ class CIA(SequentialLoRA):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        if not self.ema:  # task 1: plain LoRA
+            return
         for members in self.stacked:
             parts = [(self.named[i][0], self.named[i][1].float(), self._grads[i]) for i in members]
             # Small reductions summed over the layer's groups, kept on the device: α never goes through the host.
