@@ -98,7 +98,7 @@ def _per_example_fisher(model, batches):
 
 def test_fisher_uses_per_example_gradients_with_accumulation():
     model = tiny_model()
-    method = build_method("mage", MethodConfig(), model)
+    method = build_method("mage", MethodConfig(pema_mode="paper"), model)
     method.on_task_start((0, 3))
     model.train()
     batches = [text_batch(model, 3, seed=i) for i in range(2)]
@@ -158,7 +158,7 @@ def test_pema_step_matches_reference_and_task_end_takes_ema(mode, monkeypatch):
 
 def test_grad_given_to_pema_is_unclipped():
     model = tiny_model()
-    method = build_method("mage", MethodConfig(), model)
+    method = build_method("mage", MethodConfig(pema_mode="taylor"), model)
     method.on_task_start((0, 3))
     engine = DDPEngine(model, method.param_groups(0.0), OptimConfig(lr=1e-2, grad_clip=1e-6, warmup_steps=0),
                        TrainConfig(grad_accum=1), 1, DistInfo(0, 1, 0, torch.device("cpu")))

@@ -21,12 +21,16 @@ Test records (one JSON list; image paths relative to the task's test image folde
   string); flickr30k {"question_id", "text", "image"} (the image is the reference target; the release
   has only the caption); hqedit {"question_id", "source_image", "target_image", "instruction"}.
 
-Tasks (one closed vocabulary, `mage.data.vocab`, shared on purpose so later tasks interfere):
-  vqav2      1-3 shapes of distinct shape and colour: colour / shape / count / yes-no questions
+Tasks (one closed vocabulary, `mage.data.vocab`; shared words and question forms on purpose, see there):
+  vqav2      1-3 shapes of distinct shape and colour on a 3x3 layout: colour / shape / count / yes-no /
+             where ("top left", ...) questions
   imagenet   one large object of ten classes (ring, cross, star, ...) in its class colour: the class name
   flickr30k  caption "a red circle in the top left" -> the image of that shape
-  ocrvqa     1 (or, one time in four, 2) large seven-segment digits: "What is written in the image?" -> "47"
-  refcoco    2 shapes of one size on a 3x3 layout: the box of the named one, "[x1,y1,x2,y2]" normalised to 0..1, 2 decimals
+  ocrvqa     1 (or, one time in four, 2) large seven-segment digits in one colour: "What is written in the
+             image?" -> "47", or (one time in four) "What color is the text?" -> "red"
+  refcoco    1-2 shapes of one size on the 3x3 layout: the box of the named one, "[x1,y1,x2,y2]" normalised
+             to 0..1 with 2 decimals; asked as "Please provide the box of ..." or, one time in three, with
+             VQAv2's "Where is the red circle?" (same input, other answer: the tasks interfere)
   hqedit     one shape + "make the circle blue" / "turn the circle into a square" / "move the circle to
              the top left" -> the edited image
 Each task draws from its own `random.Random(f"{seed}-{task}")`: the same seed gives byte-identical files.
@@ -45,8 +49,8 @@ from mage.data import vocab
 from mage.data.draw import canvas, draw_class, draw_digit, draw_shape
 from mage.data.tasks import TASK_NAMES, get_task
 
-DEFAULT_TRAIN_PER_TASK = 400
-DEFAULT_TEST_PER_TASK = 40
+DEFAULT_TRAIN_PER_TASK = 600
+DEFAULT_TEST_PER_TASK = 200
 DEFAULT_IMAGE_SIZE = 112
 # Where test images go inside the test image folder (the release keeps COCO val2014 etc. apart).
 TEST_SUBDIR = {"vqav2": "val2014", "imagenet": "val", "refcoco": "val2014"}
@@ -75,6 +79,12 @@ def _scene(rng: random.Random, size: int, k: int, r_range: tuple[int, int],
     return objs
 
 
+def cell_name(cx: int, cy: int, size: int) -> str:
+    """The name of the 3x3-layout cell that holds the point (cx, cy)."""
+    col, row = min(2, max(0, cx * 3 // size)), min(2, max(0, cy * 3 // size))
+    return vocab.CELL_NAMES[row * 3 + col]
+
+
 def _render(objs, size: int) -> Image.Image:
     img, d = canvas(size)
     for s, col, cx, cy, r in objs:
@@ -82,7 +92,7 @@ def _render(objs, size: int) -> Image.Image:
     return img
 
 
-def _vqa_turn(rng: random.Random, objs, kind: str) -> tuple[str, str]:
+def _vqa_turn(rng: random.Random, objs, kind: str, size: int) -> tuple[str, str]:
     s, col = rng.choice(objs)[:2]
     q = vocab.VQA_QUESTIONS[kind]
     if kind == "color":
@@ -91,6 +101,9 @@ def _vqa_turn(rng: random.Random, objs, kind: str) -> tuple[str, str]:
         return q.format(color=col), s
     if kind == "count":
         return q, str(len(objs))
+    if kind == "where":
+        _, _, cx, cy, _ = next(o for o in objs if o[0] == s)
+        return q.format(color=col, shape=s), cell_name(cx, cy, size)
     present = {(o[0], o[1]) for o in objs}
     if rng.random() < 0.5:
         return q.format(article=vocab.article(col), color=col, shape=s), "yes"
@@ -103,7 +116,7 @@ def _vqav2(rng: random.Random, size: int, turns: int) -> tuple[list[str], Image.
     objs = _scene(rng, size, rng.randint(1, 3), (size // 9, size // 7), size // 48)
     data: list[str] = []
     for kind in rng.sample(tuple(vocab.VQA_QUESTIONS), turns):
-        data += _vqa_turn(rng, objs, kind)
+        data += _vqa_turn(rng, objs, kind, size)
     return data, _render(objs, size), {}
 
 
@@ -116,9 +129,8 @@ def _imagenet(rng: random.Random, size: int, turns: int):
     return [vocab.CLASSIFY_QUESTION, cls], img, {}
 
 
-def _ocrvqa(rng: random.Random, size: int, turns: int):
-    # One or two large digits about the centre: readable through a 4x4 grid of image tokens.
-    text = "".join(rng.choice("0123456789") for _ in range(1 if rng.random() < 0.75 else 2))
+def draw_number(rng: random.Random, size: int, text: str, color: str) -> Image.Image:
+    """Large seven-segment digits about the centre: readable through a 4x4 grid of image tokens."""
     h = rng.randint(size // 2, size * 3 // 5)
     w, t = h // 2, max(3, h // 8)
     gap = t + 2
@@ -127,9 +139,20 @@ def _ocrvqa(rng: random.Random, size: int, turns: int):
     x = (size - total) // 2 + rng.randint(-j, j)
     y = (size - h) // 2 + rng.randint(-j, j)
     img, d = canvas(size)
-    rgb = vocab.COLORS["white"]
     for i, ch in enumerate(text):
-        draw_digit(d, ch, x + i * (w + gap), y, w, h, t, rgb)
+        draw_digit(d, ch, x + i * (w + gap), y, w, h, t, vocab.COLORS[color])
+    return img
+
+
+def random_number(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(1 if rng.random() < 0.75 else 2))
+
+
+def _ocrvqa(rng: random.Random, size: int, turns: int):
+    text, color = random_number(rng), rng.choice(_COLORS)
+    img = draw_number(rng, size, text, color)
+    if rng.random() < 0.25:
+        return [vocab.OCR_COLOR_QUESTION, color], img, {}
     return [vocab.OCR_QUESTION, text], img, {}
 
 
@@ -142,7 +165,8 @@ def _refcoco(rng: random.Random, size: int, turns: int):
     objs = _scene(rng, size, rng.randint(1, 2), (size // 8, size // 8), 0)  # one size, no jitter: 9 boxes
     s, col, cx, cy, r = rng.choice(objs)
     box = format_box(tuple(min(1.0, max(0.0, v / size)) for v in (cx - r, cy - r, cx + r, cy + r)))
-    q = vocab.GROUNDING_QUESTION.format(color=col, shape=s)
+    template = vocab.GROUNDING_WHERE_QUESTION if rng.random() < 1 / 3 else vocab.GROUNDING_QUESTION
+    q = template.format(color=col, shape=s)
     return [q, box], _render(objs, size), {"size": [size, size], "answer_bbox": box}
 
 
@@ -155,14 +179,14 @@ def _position_xy(rng: random.Random, size: int, pos: str) -> tuple[int, int]:
 def _flickr30k(rng: random.Random, size: int, turns: int):
     s, col, pos = rng.choice(vocab.SHAPES), rng.choice(_COLORS), rng.choice(_POSITIONS)
     cx, cy = _position_xy(rng, size, pos)
-    img = _render([(s, col, cx, cy, size // 6 + rng.randint(-2, 2))], size)
+    img = _render([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
     caption = vocab.CAPTION.format(article=vocab.article(col), color=col, shape=s, position=pos)
     return [vocab.GENERATE_INSTRUCTION, caption], img, {}
 
 
 def _hqedit(rng: random.Random, size: int) -> tuple[str, Image.Image, Image.Image]:
     s, col, pos = rng.choice(vocab.SHAPES), rng.choice(_COLORS), rng.choice(_POSITIONS)
-    r = size // 6 + rng.randint(-2, 2)
+    r = size // 7 + rng.randint(-2, 2)
     cx, cy = _position_xy(rng, size, pos)
     source = _render([(s, col, cx, cy, r)], size)
     kind = rng.choice(tuple(vocab.EDIT_INSTRUCTIONS))

@@ -1,10 +1,17 @@
 """The closed world of Continual-NExT-mini: object words, colours, positions and prompt templates.
 
-Shared by the generator (`mage.data.mini`) and the tiny tokenizer (`mage.data.tokenizer`), so every
-word the mini benchmark can write is one token of the tiny vocabulary. The six tasks deliberately
-reuse the same words (colours, shapes, "image", "the") and similar question forms, so that training
-a later task moves the same embeddings and adapters that earlier tasks rely on: that is what makes
-forgetting measurable on a tiny model.
+Shared by the generator (`mage.data.mini`), the base-model pretraining mixture (`mage.data.pretrain_mix`)
+and the tiny tokenizer (`mage.data.tokenizer`), so every word either can write is one token of the tiny
+vocabulary. The six tasks deliberately share words and question forms, as the real ones do:
+
+- transfer: VQAv2 and OCRVQA both ask "What color is the ...?" and both answer with digits (counts,
+  written numbers), so training one helps the other (the paper's "recall" effect);
+- interference: VQAv2 and RefCOCO are both asked "Where is the {color} {shape}?" on the same kind of
+  scene; VQAv2 answers with a position word ("top left"), RefCOCO with a box. Training one pulls the
+  other's answers towards its own format.
+
+The pretraining templates (PRETRAIN_*) are other phrasings and compositions of the same skills; no
+pretraining prompt is a task prompt.
 """
 from __future__ import annotations
 
@@ -23,14 +30,14 @@ BACKGROUND = (25, 25, 25)
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 
-# "top left" etc: the cell of a 3x3 layout whose centre the object sits on.
+# The nine cells of a 3x3 layout, row-major, by name -> the cell centre (fraction of the image side).
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.25, 0.25),
-    "top right": (0.75, 0.25),
-    "bottom left": (0.25, 0.75),
-    "bottom right": (0.75, 0.75),
-    "center": (0.5, 0.5),
+    name: ((col + 0.5) / 3, (row + 0.5) / 3)
+    for row, names in enumerate((("top left", "top", "top right"), ("left", "center", "right"),
+                                 ("bottom left", "bottom", "bottom right")))
+    for col, name in enumerate(names)
 }
+CELL_NAMES = tuple(POSITIONS)  # index = row * 3 + col
 
 # The ImageNet stand-in: ten object classes, each drawn by its own recipe in mini.py.
 CLASSES = ("ring", "cross", "star", "arrow", "moon", "house", "tree", "stripes", "grid", "dots")
@@ -47,25 +54,44 @@ VQA_QUESTIONS = {
     "shape": "What shape is the {color} object?",
     "count": "How many objects are in the image?",
     "exists": "Is there {article} {color} {shape} in the image?",
+    "where": "Where is the {color} {shape}?",
 }
 CLASSIFY_QUESTION = "What is the object in the image? Answer with one word."
 GENERATE_INSTRUCTION = "Please generate the image."
 CAPTION = "{article} {color} {shape} in the {position}"  # article: "a" / "an"
 OCR_QUESTION = "What is written in the image?"
+OCR_COLOR_QUESTION = "What color is the text?"
 GROUNDING_QUESTION = "Please provide the box of the {color} {shape} in the image."
+GROUNDING_WHERE_QUESTION = VQA_QUESTIONS["where"]   # same prompt as VQAv2's, answered with a box
 EDIT_INSTRUCTIONS = {
     "recolor": "make the {shape} {color}",
     "reshape": "turn the {shape} into a {shape2}",
     "move": "move the {shape} to the {position}",
 }
 PROMPT_TEMPLATE = "[INST] {instruction} [/INST]\n"
+
+# The base model's pretraining mixture (mage.data.pretrain_mix): general skills, never a task prompt.
+PRETRAIN_DESCRIBE = "Describe the image."                     # -> "a red circle at the top left and ..."
+PRETRAIN_DESCRIBE_OBJECT = "{article} {color} {shape} at the {position}"
+PRETRAIN_DESCRIBE_CLASS = "{article} {color} {cls}"           # an ImageNet-class drawing, described
+PRETRAIN_COUNT = "Count the shapes."                          # -> "2"
+PRETRAIN_LOCATE = "Which part of the picture is the {color} {shape} in?"   # -> "top left"
+PRETRAIN_NAME = "Name the {color} thing."                     # -> "circle" / "star"
+PRETRAIN_READ = "Read the digits."                            # -> "47"
+PRETRAIN_POINT = "Give the center of the {color} {shape}."    # -> "[0.50,0.17]"
+PRETRAIN_DRAW = "Draw {description}."                         # -> image
+PRETRAIN_COPY = "Copy the picture."                           # image -> the same image
+PRETRAIN_TEXTS = (PRETRAIN_DESCRIBE, PRETRAIN_DESCRIBE_OBJECT, PRETRAIN_DESCRIBE_CLASS, PRETRAIN_COUNT,
+                  PRETRAIN_LOCATE, PRETRAIN_NAME, PRETRAIN_READ, PRETRAIN_POINT, PRETRAIN_DRAW, PRETRAIN_COPY)
 # The polite reply of SEED-X's editing recipe is not used: image answers are the image tokens only.
 
 # Extra words kept in the tiny vocabulary so that natural variants of the prompts still tokenize.
 EXTRA_WORDS = ("a", "an", "the", "of", "and", "is", "are", "it", "this", "that", "there", "to", "in", "on",
                "answer", "image", "picture", "object", "objects", "color", "shape", "box", "one", "word",
                "what", "where", "which", "how", "many", "please", "generate", "provide", "sorry", "i",
-               "cannot", "not", "unknown", "none", "here", "with", "at", "left", "right", "top", "bottom")
+               "cannot", "not", "unknown", "none", "here", "with", "at", "left", "right", "top", "bottom",
+               "center", "text", "written", "digits", "number", "thing", "part", "describe", "count",
+               "shapes", "read", "give", "draw", "copy", "name")
 
 
 def article(word: str) -> str:
@@ -74,8 +100,8 @@ def article(word: str) -> str:
 
 def all_texts() -> list[str]:
     """Every template, word and phrase of the mini benchmark (the tiny tokenizer's corpus)."""
-    texts: list[str] = [PROMPT_TEMPLATE, GENERATE_INSTRUCTION, CAPTION, OCR_QUESTION, GROUNDING_QUESTION,
-                        CLASSIFY_QUESTION]
+    texts: list[str] = [PROMPT_TEMPLATE, GENERATE_INSTRUCTION, CAPTION, OCR_QUESTION, OCR_COLOR_QUESTION,
+                        GROUNDING_QUESTION, CLASSIFY_QUESTION, *PRETRAIN_TEXTS]
     texts += list(VQA_QUESTIONS.values()) + list(EDIT_INSTRUCTIONS.values())
     texts += list(COLORS) + list(SHAPES) + list(POSITIONS) + list(CLASSES) + list(YES_NO) + list(EXTRA_WORDS)
     return texts

@@ -25,6 +25,9 @@ BatchSource = Callable[[int], Iterator[dict]]
 LossOf = Callable[[dict], torch.Tensor]
 # Parameters never trained in SEED-X's SFT recipe: the vision tower (frozen, bf16).
 FROZEN_PREFIXES = ("visual_encoder.",)
+# The token embeddings and lm_head: trained in SEED-X (new special tokens), optional in the methods
+# (`method.train_embeddings`; docs/TRAINING.md "Which parameters train").
+EMBEDDING_PREFIXES = ("llm.model.embed_tokens.", "llm.lm_head.")
 
 
 def lora_group_params(model: nn.Module, groups: Sequence[int] | None = None) -> Iterator[tuple[str, nn.Parameter]]:
@@ -95,11 +98,16 @@ class ContinualMethod:
             raise ValueError(f"method {self.name!r} needs a model with MultiLoRALinear layers "
                              "(wrap it with mage.lora.wrap_llama_lora first)")
         # Recorded once, before any group masking flips requires_grad.
-        self.extras = non_lora_trainables(model) if cfg.train_non_lora else []
-        if not cfg.train_non_lora:
-            for _, p in non_lora_trainables(model):
+        candidates = non_lora_trainables(model)
+        self.extras = [(n, p) for n, p in candidates if cfg.train_non_lora and
+                       (cfg.train_embeddings or not n.startswith(EMBEDDING_PREFIXES))]
+        kept = {id(p) for _, p in self.extras}
+        for _, p in candidates:
+            if id(p) not in kept:
                 p.requires_grad_(False)
         self.groups: tuple[int, ...] = ()
+        # Optimizer steps of the task about to start; the trainer sets it before on_task_start.
+        self.steps_in_task: int | None = None
 
     # -- which groups a task trains
     def lora_groups_for(self, task_groups: Sequence[int]) -> tuple[int, ...]:

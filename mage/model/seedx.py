@@ -74,6 +74,7 @@ class SeedXModel(nn.Module):
         hidden = config.llm.hidden_size
         # Added to each view's tokens as cat([p, 1 - p]) / 2 @ patch_pos_embed (p: tile centre).
         self.patch_pos_embed = nn.Parameter(hidden ** -0.5 * torch.randn(4, hidden))
+        self.vision_trainable = False  # True only while pretraining the tiny base: the ViT then learns too
         if config.gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
@@ -129,7 +130,8 @@ class SeedXModel(nn.Module):
         if positions is None or positions.shape != (images.shape[0], 2):
             got = None if positions is None else tuple(positions.shape)
             raise ValueError(f"batch['image_positions'] must be ({images.shape[0]}, 2) for {images.shape[0]} views, got {got}")
-        with torch.no_grad():
+        # The ViT is frozen (SEED-X), except while the tiny base is pretrained (mage.model.pretrain).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable):
             features = self.visual_encoder(images)
         embeds = self.input_resampler(features.to(self.input_resampler.query.dtype))
         p = positions.to(self.patch_pos_embed.dtype)

@@ -32,6 +32,10 @@ class ModelConfig:
     llm_path: str = ""
     vision_path: str = ""
     tokenizer_path: str = ""
+    # The tiny model's starting point: "" = random init, "auto" = the pretrained tiny base of `base_seed`
+    # (assets/ or built once into the cache; mage.model.pretrain), or a path to such a .safetensors file.
+    base: str = ""
+    base_seed: int = 0
 
     def weight_paths(self) -> dict[str, str]:
         return {"agent_path": self.agent_path, "llm_path": self.llm_path, "vision_path": self.vision_path,
@@ -66,6 +70,8 @@ class MethodConfig:
     beta_max: float = 1.0
     fixed_beta: float = 0.99
     train_non_lora: bool = True         # embeddings, lm_head, norms, resamplers, patch_pos_embed (SEED-X)
+    train_embeddings: bool = True       # within those: token embeddings and lm_head (docs/TRAINING.md)
+    pema_horizon: float = 0.0           # > 0: fixed/fisher beta = 1 - 1/(horizon * steps_per_task); 0: fixed_beta
     # Baselines (SPEC section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
     ewc_lambda: float = 5000.0          # weight of (lambda/2) * sum F (theta - theta*)^2
     ewc_samples: int = 200              # examples of the finished task for its Fisher (whole micro-batches)
@@ -338,6 +344,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (cfg.method.beta_min <= cfg.method.beta_max, "method.beta_min must be <= method.beta_max"),
+        (cfg.method.pema_horizon >= 0, "method.pema_horizon must be >= 0 (0 = use method.fixed_beta)"),
         (cfg.lora.rank >= 1 and cfg.lora.num_groups >= 1, "lora.rank and lora.num_groups must be >= 1"),
         (cfg.eval.max_examples >= 0, "eval.max_examples must be >= 0 (0 = all)"),
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = only at task ends)"),

@@ -23,6 +23,7 @@ from mage.lora import iter_multi_lora, wrap_llama_lora
 from mage.methods import METHODS, ContinualMethod, build_method
 from mage.model import build_model
 from mage.model.checkpoint import load_seed_x
+from mage.model.pretrain import load_base_, resolve_base
 from mage.trainer.checkpoint import (CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint,
                                      serialize_state, write_bytes_atomic)
 from mage.trainer.config import Config, ConfigError, config_differences, save_config
@@ -69,11 +70,28 @@ def build_trainable_model(cfg: Config, device: torch.device) -> torch.nn.Module:
                          "model.llm_path, model.vision_path and model.tokenizer_path")
     else:
         model = build_model(cfg.model.name, device=device, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        if cfg.model.base:
+            load_base_(model, _base_path(cfg.model, model.tokenizer))
     model.freeze_for_sft()
     lora = cfg.lora
     wrap_llama_lora(model.llm, rank=lora.rank, num_groups=lora.num_groups, alpha=lora.alpha, dropout=lora.dropout,
                     backend=lora.backend)
     return model
+
+
+def _base_path(cfg, tokenizer) -> Path:
+    if cfg.name != "tiny":
+        raise ValueError(f"model.base={cfg.base!r} is for the tiny model; {cfg.name!r} loads its weights from "
+                         "model.agent_path, llm_path, vision_path and tokenizer_path")
+    if cfg.base == "auto":
+        # Every rank resolves the same file; only a missing base is built (the first run, rank 0 alone
+        # on one process: torchrun runs of the mini preset build it before the ranks start).
+        return resolve_base(cfg.base_seed, tokenizer)
+    path = Path(cfg.base)
+    if not path.is_file():
+        raise ValueError(f"model.base={cfg.base!r}: no such file; use 'auto' for the pretrained tiny base, '' for a "
+                         "random init, or the path of a file written by python -m mage.model.pretrain")
+    return path
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -227,6 +245,7 @@ class SequenceTrainer:
             task = self.tasks[k]
             cfg = self.cfg.for_task(task.name)
             total, groups = cfg.train.steps_per_task, task.lora_groups
+        self.method.steps_in_task = total
         self.method.on_task_start(groups)
         engine = build_engine(self.model, self.method.param_groups(cfg.optim.weight_decay), cfg.optim, cfg.train,
                               total, self.info, self.bf16)

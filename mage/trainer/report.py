@@ -50,6 +50,7 @@ def write_reports(run_dir: Path, tasks: list[str], rows: list[list[float]], zero
         {"tasks": tasks, "zero_shot": zero_shot, "matrix": rows,
          "note": "matrix[j][i] = score on task i after training task j (0-based); zero_shot = before training"},
         indent=2) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     lines = ["# Continual-learning metrics", "", f"Tasks: {', '.join(tasks)} ({len(rows)} trained)", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {label} | {'n/a' if metrics.get(key) is None else f'{metrics[key]:.2f}'} |"
