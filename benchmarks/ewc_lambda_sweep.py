@@ -1,5 +1,5 @@
 """Calibrate EWC's lambda: a sweep of method.ewc_lambda on the mini preset with a training seed kept out of
-the result tables (default 7; the tables use seeds 0, 1, 2).
+the result tables (default 7; benchmarks/continual_table.py uses seeds 1, 2, 3).
 
 Per lambda it trains the first ``--tasks`` tasks with ``method.name=ewc`` and records, besides Avg.ACC,
 Forgetting and New.ACC, how strong the penalty is: on every optimizer step after task 1, the norm of the
@@ -17,16 +17,20 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mage.provenance import append_csv_rows, git_commit
-from mage.trainer.config import load_config
-from mage.trainer.data import resolve_tasks
-from mage.trainer.distributed import DistInfo
-from mage.trainer.loop import SequenceTrainer
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's mage, not an installed one
+
+from mage.provenance import append_csv_rows, git_commit  # noqa: E402
+from mage.trainer.config import load_config  # noqa: E402
+from mage.trainer.data import resolve_tasks  # noqa: E402
+from mage.trainer.distributed import DistInfo  # noqa: E402
+from mage.trainer.loop import SequenceTrainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ewc_lambda.csv"
 FIELDS = ["date", "commit", "host", "seed", "tasks", "steps_per_task", "ewc_lambda", "penalty_to_task_grad_median",

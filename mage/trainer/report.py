@@ -48,7 +48,8 @@ def write_reports(run_dir: Path, tasks: list[str], rows: list[list[float]], zero
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "accuracy_matrix.json").write_text(json.dumps(
         {"tasks": tasks, "zero_shot": zero_shot, "matrix": rows,
-         "note": "matrix[j][i] = score on task i after training task j (0-based); zero_shot = before training"},
+         "note": "matrix[j][i] = score on task i after training task j (0-based); zero_shot = before training",
+         **({"row_labels": row_labels} if row_labels else {})},
         indent=2) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     lines = ["# Continual-learning metrics", "", f"Tasks: {', '.join(tasks)} ({len(rows)} trained)", "",
