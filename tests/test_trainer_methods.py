@@ -33,7 +33,7 @@ def args(data_root, out, method, *extra):
     return ["--data.root", str(data_root), "--data.tasks", TASKS, "--run.out_dir", str(out), "--method.name", method,
             "--train.steps_per_task", "2", "--train.batch_size", "2", "--train.grad_accum", "1",
             "--optim.warmup_steps", "0", "--eval.max_examples", "2", "--eval.max_new_tokens", "2",
-            "--run.progress", "false", "--run.tensorboard", "false", *extra]
+            "--run.progress", "false", "--run.tensorboard", "false", "--model.base", "", *extra]
 
 
 def test_unknown_method_is_a_one_line_config_error(data_root, tmp_path):
@@ -116,8 +116,28 @@ def test_error_type_forgetting_covers_image_tasks(data_root, tmp_path):
     main(["--data.root", str(data_root), "--data.tasks", "hqedit,vqav2", "--run.out_dir", str(out),
           "--method.name", "lora", "--train.steps_per_task", "1", "--train.batch_size", "2", "--train.grad_accum",
           "1", "--eval.max_examples", "2", "--eval.max_new_tokens", "1", "--run.progress", "false",
-          "--run.tensorboard", "false", "--eval.image_label_threshold", "1000"])
+          "--run.tensorboard", "false", "--model.base", "", "--eval.image_label_threshold", "1000"])
     state = torch.load(out / "checkpoints" / "task02_end.state.pt", weights_only=True)
     assert state["labels"]["0,0"] == ["HAL", "HAL"] and state["labels"]["1,0"] == ["HAL", "HAL"]
     md = (out / "metrics.md").read_text()
     assert "| Avg.HAL | 0.00 |" in md  # HAL both right after hqedit and after vqav2: no new HAL errors
+
+
+@pytest.mark.parametrize("method, crash_at", [("reglora", "2:1"), ("lae", "2:1"), ("joint", "1:2")])
+def test_kill_9_mid_task_and_resume_is_bit_identical(data_root, tmp_path, method, crash_at):
+    import os
+
+    full = main(args(data_root, tmp_path / "full", method, "--run.checkpoint_every", "1"))
+    resumed = tmp_path / "resumed"
+    run_args = args(data_root, resumed, method, "--run.checkpoint_every", "1")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *run_args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, MAGE_CRASH_AT=crash_at))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    task, step = crash_at.split(":")
+    latest = json.loads((resumed / "checkpoints" / "latest.json").read_text())
+    assert latest["tag"] == f"task{int(task):02d}_step{int(step):06d}"
+    again = main(run_args)
+    assert again["matrix"] == full["matrix"] and again["metrics"] == full["metrics"]
+    end = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("*_end.safetensors"))[-1]
+    a, b = load_file(tmp_path / "full" / "checkpoints" / end), load_file(resumed / "checkpoints" / end)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
