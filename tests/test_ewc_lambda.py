@@ -51,6 +51,9 @@ def test_penalty_gradient_is_of_the_task_gradients_order_at_the_default_lambda(d
     ratios = _ratios(data_root, tmp_path / "default", lam)
     assert len(ratios) == 12  # every step of task 2 measured, none of task 1 (no Fisher yet)
     median = statistics.median(ratios)
+    print(f"median ||grad penalty|| / ||grad task|| = {median:.3g} at ewc_lambda={lam:g}")
     assert 0.1 <= median <= 10, f"||grad penalty|| / ||grad task|| = {median:.3g} at ewc_lambda={lam:g}"
-    # The old failure mode for scale: 1000x weaker, the penalty vanishes against the task gradient.
-    assert statistics.median(_ratios(data_root, tmp_path / "weak", lam / 1000)) < 0.05
+    # The failure mode for scale: 1000x weaker, the penalty all but vanishes against the task gradient.
+    weak = statistics.median(_ratios(data_root, tmp_path / "weak", lam / 1000))
+    print(f"median ratio {weak:.3g} at ewc_lambda={lam / 1000:g}")
+    assert weak < 0.1 * median
