@@ -66,8 +66,9 @@ def gated_multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise ValueError(f"group gate must be (..., {lora_A.shape[0] // rank}) over x's tokens {tuple(x.shape[:-1])}, "
                          f"got {tuple(gate.shape)}")
     x_lora = x * dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else x
-    h = (x_lora @ lora_A.t()) * gate.repeat_interleave(rank, dim=-1).to(x.dtype)
-    return F.linear(x, weight, bias) + scaling * (h @ lora_B.t())
+    # The adapter in A's dtype (e.g. float32 adapters over a bf16 base), added back in x's dtype.
+    h = (x_lora.to(lora_A.dtype) @ lora_A.t()) * gate.repeat_interleave(rank, dim=-1).to(lora_A.dtype)
+    return F.linear(x, weight, bias) + (scaling * (h @ lora_B.to(lora_A.dtype).t())).to(x.dtype)
 
 
 def _triton_function():

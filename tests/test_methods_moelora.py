@@ -121,3 +121,22 @@ def test_moelora_trains_router_and_every_expert_and_nothing_else():
     assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match="MoELoRA state does not match"):
         other.load_state_dict({})
+
+
+def test_gated_path_with_float32_adapters_over_a_bf16_base():
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(13, 11).to(torch.bfloat16), rank=3, num_groups=4, alpha=6.0)
+    layer.lora_A_groups.float()
+    layer.lora_B_groups.float()
+    with torch.no_grad():
+        for b in layer.lora_B_groups:
+            b.normal_(0, 0.3)
+    layer.group_gate = SoftmaxRouter(13, 4)  # float32 router on bf16 activations
+    layer.group_gate.proj.to(torch.bfloat16)
+    x = torch.randn(2, 5, 13).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref, *_ = _reference(layer, x.float(), torch.ones(2, 5, 13))
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    y.float().sum().backward()
+    assert layer.group_gate.proj.weight.grad is not None and layer.lora_A_groups[0].grad.dtype == torch.float32
