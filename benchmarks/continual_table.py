@@ -52,11 +52,19 @@ def run_dir(runs: Path, method: str, order: str, seed: int) -> Path:
     return runs / method.replace(":", "-") / order / f"seed{seed}"
 
 
-def finished(folder: Path, num_tasks: int) -> bool:
+# Methods that do not train task by task write one evaluation row (mage.trainer.loop, method.schedule).
+SINGLE_ROW_METHODS = ("joint", "zero_shot")
+
+
+def expected_rows(method: str, num_tasks: int) -> int:
+    return 1 if parse_method(method)[0] in SINGLE_ROW_METHODS else num_tasks
+
+
+def finished(folder: Path, num_tasks: int, method: str = "") -> bool:
     path = folder / "accuracy_matrix.json"
     if not path.is_file():
         return False
-    return len(json.loads(path.read_text())["matrix"]) == num_tasks
+    return len(json.loads(path.read_text())["matrix"]) == expected_rows(method, num_tasks)
 
 
 def run_one(method: str, order: str, seed: int, runs: Path, sets: list[str], config: str) -> tuple[Path, float]:
@@ -90,15 +98,16 @@ def collect(runs: Path, methods: list[str], orders: list[str], seeds: list[int])
             tasks = list(task_order(order))
             for seed in seeds:
                 folder = run_dir(runs, method, order, seed)
-                if not finished(folder, len(tasks)):
+                if not finished(folder, len(tasks), method):
                     continue
                 acc = json.loads((folder / "accuracy_matrix.json").read_text())
                 metrics = json.loads((folder / "metrics.json").read_text())
                 matrix, zero = acc["matrix"], acc["zero_shot"]
                 row = {"method": method, "order": order, "seed": seed, "tasks": ",".join(tasks)}
                 row.update({k: metrics.get(k) for k in METRICS})
+                single = len(matrix) == 1 and len(tasks) > 1
                 for i, t in enumerate(tasks):
-                    row[f"diag_{t}"] = matrix[i][i]
+                    row[f"diag_{t}"] = None if single else matrix[i][i]
                     row[f"final_{t}"] = matrix[-1][i]
                     row[f"zero_{t}"] = None if zero is None else zero[i]
                 minutes = folder / "wall_minutes.txt"
@@ -172,9 +181,9 @@ def write_figure(path: Path, rows: list[dict], methods: list[str]) -> None:
     tasks = list(task_order("default"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
     for k, (key, label) in enumerate((("avg_acc", "Avg.ACC"), ("forgetting", "Forgetting"), ("new_acc", "New.ACC"))):
-        means = [statistics.mean(r[key] for r in rows if r["method"] == m) for m in present]
-        stds = [statistics.stdev([r[key] for r in rows if r["method"] == m])
-                if sum(r["method"] == m for r in rows) > 1 else 0.0 for m in present]
+        values = [[r[key] for r in rows if r["method"] == m and r[key] is not None] for m in present]
+        means = [statistics.mean(v) if v else 0.0 for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         xs = [i + (k - 1) * 0.27 for i in range(len(present))]
         ax1.bar(xs, means, width=0.27, yerr=stds, capsize=3, label=label)
     ax1.set_xticks(range(len(present)), present, rotation=25, ha="right")
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         write_figure(results / f"continual_{a.name}.png", rows, methods)
 
     todo = [(m, o, s) for o in orders for s in seeds for m in methods
-            if not finished(run_dir(runs, m, o, s), len(task_order(o)))]
+            if not finished(run_dir(runs, m, o, s), len(task_order(o)), m)]
     print(f"{len(todo)} runs to do ({len(methods) * len(orders) * len(seeds) - len(todo)} already finished), "
           f"{a.jobs} at a time; run folders in {runs}", flush=True)
     failures = []

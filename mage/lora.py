@@ -6,12 +6,14 @@ stacked ``lora_A`` / ``lora_B`` views feed one fused op.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mage.lora_function import multi_lora_linear_eager
+from mage.lora_function import dropout_mask, multi_lora_linear_eager
 
 GROUP_NAMES = ("text_in", "image_in", "text_out", "image_out")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,6 +67,26 @@ def _resolve_groups(groups: Iterable[int | str], num_groups: int) -> tuple[int, 
     return tuple(sorted(set(resolved)))
 
 
+_GATE_FALLBACK_WARNED = False
+
+
+def gated_multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                            lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int, gate: torch.Tensor,
+                            rank: int) -> torch.Tensor:
+    """y = x W^T + b + s * sum_g gate_g(token) * (drop(x) A_g^T) B_g^T (MoELoRA's per-token group gate).
+
+    ``gate`` (..., G) holds one weight per token and group; plain autograd, so the gate's own gradient
+    (the router's) flows. Same dropout mask as the eager reference for a given ``seed``.
+    """
+    if gate.shape[:-1] != x.shape[:-1] or gate.shape[-1] * rank != lora_A.shape[0]:
+        raise ValueError(f"group gate must be (..., {lora_A.shape[0] // rank}) over x's tokens {tuple(x.shape[:-1])}, "
+                         f"got {tuple(gate.shape)}")
+    x_lora = x * dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else x
+    # The adapter in A's dtype (e.g. float32 adapters over a bf16 base), added back in x's dtype.
+    h = (x_lora.to(lora_A.dtype) @ lora_A.t()) * gate.repeat_interleave(rank, dim=-1).to(lora_A.dtype)
+    return F.linear(x, weight, bias) + (scaling * (h @ lora_B.to(lora_A.dtype).t())).to(x.dtype)
+
+
 def _triton_function():
     from kernels.multi_lora_linear import multi_lora_linear_triton  # lazy: triton is optional on CPU
 
@@ -102,6 +124,9 @@ class MultiLoRALinear(nn.Module):
         # Example boundaries of a packed batch (int32, B + 1, FlashAttention varlen); None: batch rows.
         self.cu_seqlens: torch.Tensor | None = None
         self._fisher_graph_task = -1
+        # Optional module x (..., in) -> per-token group weights (..., num_groups) (MoELoRA's router). When
+        # set, the layer runs gated_multi_lora_linear (eager; no per-example Fisher on that path).
+        self.group_gate: nn.Module | None = None
         self._trainable: tuple[int, ...] = tuple(range(num_groups))
         self._grad_rows: torch.Tensor | None = None
 
@@ -169,6 +194,8 @@ class MultiLoRALinear(nn.Module):
         c = self.example_scale if track else None
         fisher = (self.fisher_A, self.fisher_B) if track else (None, None)
         fn = self._function(x)
+        if self.group_gate is not None:
+            return self._gated_forward(x, fn, p, seed, track)
         weight, bias, lora_A, lora_B = self.base.weight, self.base.bias, self.lora_A, self.lora_B
         # One compute dtype for the op, as autocast would pick for F.linear: the fused op runs outside
         # autocast's op table, and the eager backward outside CPU autocast. The trainer holds A and B in fp32
@@ -184,6 +211,18 @@ class MultiLoRALinear(nn.Module):
             n = examples if c is None else (c != 0).sum()
             y = _CountExamples.apply(y, self, n)
         return y
+
+    def _gated_forward(self, x: torch.Tensor, fn, p: float, seed: int, track: bool) -> torch.Tensor:
+        global _GATE_FALLBACK_WARNED
+        if track:
+            raise RuntimeError("the per-example Fisher is not computed on the gated (MoELoRA) path: turn "
+                               "track_fisher off or remove group_gate")
+        if fn is not multi_lora_linear_eager and not _GATE_FALLBACK_WARNED:
+            _GATE_FALLBACK_WARNED = True
+            warnings.warn("MultiLoRALinear with a group gate runs the eager gated path; the fused Triton kernels "
+                          "take no per-token gate", stacklevel=3)
+        return gated_multi_lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                                       p, seed, self.group_gate(x), self.rank)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}x{self.num_groups}, "

@@ -153,15 +153,23 @@ def test_cia_averages_from_task_two_and_swaps_at_task_end(monkeypatch):
 
     monkeypatch.setattr(method, "after_optimizer_step", spy)
     run_steps(model, method, steps=2, batch_size=2, accum=1, task_groups=(1,))
+    # The method's tensors are each layer's whole stacked A (all four groups) and whole stacked B.
+    stacked = {}
+    for n in captured[0]:
+        layer, kind, _ = n.rsplit(".", 2)
+        stacked.setdefault((layer, kind), []).append(n)
+    assert all(len(members) == 4 for members in stacked.values())
     ref = {}
     for step in captured:
-        for n, (ema, g, prev, theta) in step.items():
-            ema = ref.get(n, ema).double()  # the chain of updates, recomputed in float64
-            g, prev = g.double(), prev.double()
-            a, b, c = (theta.double() - ema).abs().sum(), g.abs().sum(), (g - prev).abs().sum()
-            alpha = 2 * (1 + b) / (a * c)
+        for members in stacked.values():
+            ema = {n: ref.get(n, step[n][0]).double() for n in members}  # the chain, recomputed in float64
+            a = sum(float((step[n][3].double() - ema[n]).abs().sum()) for n in members)
+            b = sum(float(step[n][1].double().abs().sum()) for n in members)
+            c = sum(float((step[n][1].double() - step[n][2].double()).abs().sum()) for n in members)
+            alpha = 2 * (1 + b) / (a * c) if a * c > 0 else float("inf")
             alpha = alpha if 0 < alpha < 1 else 0.01
-            ref[n] = (1 - alpha) * ema + alpha * theta.double()
+            for n in members:
+                ref[n] = (1 - alpha) * ema[n] + alpha * step[n][3].double()
     assert any(not torch.equal(captured[-1][n][2], torch.zeros_like(captured[-1][n][2])) for n in ref)  # g_prev kept
     for n in ref:
         torch.testing.assert_close(method.ema[n].double(), ref[n], rtol=1e-5, atol=1e-7)
@@ -270,6 +278,41 @@ def test_pgp_grows_bases_from_activations_and_projects_later_tasks(monkeypatch):
     assert other.tasks_seen == 1 and all(torch.equal(other.bases[n], b) for n, b in method.bases.items())
     with pytest.raises(ValueError, match="PGP state does not match"):
         other.load_state_dict({"basis.nowhere": torch.zeros(3, 1), "tasks_seen": torch.tensor(1)})
+
+
+def test_pgp_keeps_old_outputs_a_x_under_adamw_with_weight_decay(monkeypatch):
+    import mage.methods.pgp as pgp_mod
+
+    model = tiny_model()
+    cfg = MethodConfig(name="pgp", pgp_samples=2, pgp_tokens_per_example=4, pgp_threshold=1.0, pgp_max_basis=1.0)
+    method = build_method("pgp", cfg, model)
+    rows_seen = {}
+    real_grow = pgp_mod.grow_basis
+
+    def spy(basis, rows, threshold, max_dim):  # the activation rows x_old each basis is grown from
+        out = real_grow(basis, rows, threshold, max_dim)
+        rows_seen[len(rows_seen)] = rows.clone()
+        return out
+
+    monkeypatch.setattr(pgp_mod, "grow_basis", spy)
+    method.on_task_start((0,))
+    method.on_task_end()
+    model.eval()
+    method.on_task_end_data(batches_of(model, (2,))[1], loss_of(model))
+    x_old = {name: rows_seen[i] for i, (name, _) in enumerate(method.lora_layers)}
+    gen = torch.Generator().manual_seed(9)
+    x_new = {name: torch.randn(3, m.in_features, generator=gen) for name, m in method.lora_layers}
+    before = {name: (m.lora_A.detach().clone(), m.lora_A.detach() @ x_old[name].T) for name, m in method.lora_layers}
+    run_steps(model, method, steps=3, batch_size=2, accum=1, task_groups=(2,))  # AdamW, weight decay 0.05
+    moved_new = 0
+    for name, m in method.lora_layers:
+        a0, out0 = before[name]
+        a1 = m.lora_A.detach()
+        assert not torch.equal(a1, a0)  # A trains on the new task ...
+        out1 = a1 @ x_old[name].T
+        torch.testing.assert_close(out1, out0, rtol=0, atol=1e-5 * out0.abs().max().item())  # ... A x_old stays
+        moved_new += int(not torch.allclose(a1 @ x_new[name].T, a0 @ x_new[name].T, atol=1e-5))
+    assert moved_new == len(method.lora_layers)  # outside span U the outputs do change
 
 
 # ---------------------------------------------------------------------------------------------- end to end

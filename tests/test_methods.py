@@ -56,7 +56,8 @@ def run_steps(model, method, steps: int, batch_size: int = 3, accum: int = 2, ta
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid methods: cia, ew_ga, ewc, lora, mage, pgp"):
+    with pytest.raises(ValueError, match="valid methods: cia, ew, ew_ga, ewc, joint, lae, lora, mage, moelora, pgp, "
+                                         "reglora, zero_shot"):
         build_method("mage2", MethodConfig(), tiny_model())
 
 
@@ -186,7 +187,8 @@ def test_lora_trains_all_groups_without_ema_and_ew_ga_keeps_trained_values():
     trained = {n: p.detach().clone() for n, p in lora_group_params(model)}
     method.on_task_end()
     assert all(torch.equal(p, trained[n]) for n, p in lora_group_params(model))
-    assert set(METHODS) == {"mage", "lora", "ew_ga", "ewc", "cia", "pgp"}
+    assert set(METHODS) == {"mage", "lora", "ew", "ew_ga", "ewc", "cia", "pgp", "moelora", "lae", "reglora", "joint",
+                            "zero_shot"}
 
 
 def test_mage_state_round_trip_mid_task():

@@ -145,7 +145,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
 def test_bad_names_and_keys_give_clear_errors(data_root, tmp_path):
     with pytest.raises(ConfigError, match="valid tasks: vqav2, imagenet, flickr30k, ocrvqa, refcoco, hqedit"):
         main(small_args(data_root, tmp_path / "a", "--data.tasks", "vqav2,coco"))
-    with pytest.raises(ValueError, match="valid methods: cia, ew_ga, ewc, lora, mage, pgp"):
+    with pytest.raises(ConfigError, match="valid methods: cia, ew, ew_ga, ewc, joint, lae, lora, mage, moelora, pgp"):
         main(small_args(data_root, tmp_path / "b", "--method.name", "ewc2"))
     with pytest.raises(ConfigError, match="valid keys in \\[optim\\]: lr, betas"):
         main(["--set", "optim.learning_rate=1"])

@@ -39,8 +39,9 @@ def error_type_forgetting(labels_final: Sequence[Sequence[str]],
     """Avg.X (Eqs. 8-10), in percent: the share of task i's examples that are errors of type X after the
     last task but were not errors of type X right after task i, averaged over tasks i < T.
 
-    ``labels_final[i]`` and ``labels_after_own[i]`` are per-example labels (one of LABELS) for the
-    earlier tasks i < T, after the last task and after task i itself.
+    ``labels_final[i]`` and ``labels_after_own[i]`` are per-example labels (one of LABELS) for EVERY
+    earlier task i < T (SPEC section 6: image tasks included, labelled by ``image_error_labels``), after
+    the last task and after task i itself.
     """
     if len(labels_final) != len(labels_after_own):
         raise ValueError(f"error labels: {len(labels_final)} tasks after the last task but "
@@ -98,3 +99,14 @@ def continual_metrics(matrix: Sequence[Sequence[float]], zero_shot_row: Sequence
             raise ValueError(f"error labels missing for (after task, task) = {e.args[0]}") from None
         result.update(error_type_forgetting(final, own))
     return result
+
+
+def single_phase_metrics(row: Sequence[float]) -> dict:
+    """Metrics of a run with one evaluation row: joint training (one phase on all tasks) or zero-shot (none).
+
+    Avg.ACC is the row's mean, and so is New.ACC (each task's score right after the phase that trained it
+    is that row); Forgetting, BWT, FWT and the error types need several rows and are None.
+    """
+    rows, _ = _check_matrix([list(row)] * len(row))
+    return {"num_tasks": len(row), "avg_acc": _mean(rows[0]), "new_acc": _mean(rows[0]), "forgetting": None,
+            "forgetting_max": None, "bwt": None, "fwt": None, "avg_iuf": None, "avg_hal": None, "avg_oth": None}

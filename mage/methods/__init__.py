@@ -4,14 +4,19 @@ from __future__ import annotations
 from torch import nn
 
 from mage.methods.base import ContinualMethod
+from mage.methods.bounds import Joint, ZeroShot
 from mage.methods.cia import CIA
 from mage.methods.ewc import EWC
-from mage.methods.finetune import GroupMasked, SequentialLoRA
+from mage.methods.finetune import EqualWeight, GroupMasked, SequentialLoRA
+from mage.methods.lae import LAE
 from mage.methods.mage import MAGE
+from mage.methods.moelora import MoELoRA
 from mage.methods.pgp import PGP
+from mage.methods.reglora import RegLoRA
 
 METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (MAGE, SequentialLoRA, GroupMasked, EWC, CIA, PGP)}
+    cls.name: cls for cls in (MAGE, SequentialLoRA, EqualWeight, GroupMasked, EWC, CIA, PGP, MoELoRA, RegLoRA, LAE,
+                Joint, ZeroShot)}
 
 
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
@@ -21,4 +26,5 @@ def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
     return METHODS[name](cfg, model)
 
 
-__all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "GroupMasked", "EWC", "CIA", "PGP"]
+__all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
+           "CIA", "PGP", "MoELoRA", "RegLoRA", "LAE", "Joint", "ZeroShot"]

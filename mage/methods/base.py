@@ -98,6 +98,9 @@ class ContinualMethod:
     """Base: trains the LoRA groups given by ``lora_groups_for`` plus (optionally) the non-LoRA trainables."""
 
     name = "base"
+    # How the trainer schedules the tasks: "sequential" (one phase per task, a row after each), "joint"
+    # (one phase on all tasks' data mixed, one row) or "none" (no training: the zero-shot row is the result).
+    schedule = "sequential"
 
     def __init__(self, cfg, model: nn.Module):
         self.cfg = cfg
@@ -160,6 +163,11 @@ class ContinualMethod:
     def on_task_end_data(self, batches: BatchSource, loss_of: LossOf) -> None:
         """After ``on_task_end``, for methods that need a pass over the task just trained (EWC's Fisher, PGP's
         activation bases). The model is in eval mode with gradients enabled; no optimizer step follows."""
+
+    def generator(self):
+        """None, or an object with ``generate_text(batch, max_new_tokens)`` and ``generate_image_features(batch)``
+        that evaluation uses in place of the model's own (LAE's two-model decoding)."""
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

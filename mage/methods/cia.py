@@ -1,6 +1,9 @@
-"""CIA's dynamic EMA on the LoRA baseline, without instruction grouping (SPEC section 5).
+"""CIA's dynamic EMA on the LoRA baseline, without instruction grouping (SPEC section 5), following
+He et al., "Continual Instruction Tuning for Large Multimodal Models" (2023).
 
-From the second task on, per LoRA tensor and optimizer step, with g the step's averaged unclipped
+The "tensor" of the method is each adapted linear's whole rank-(G r) LoRA A and whole B (PEFT's layout:
+one lora_A and one lora_B per layer), not our per-group slices: the norms below sum over all groups of a
+layer's A (or B). From the second task on, per such tensor and optimizer step, with g the step's averaged unclipped
 gradient:  a = |θ - θ*|_1, b = |g|_1, c = |g - g_prev|_1, α = 2 (1 + b) / (a c), α := α if 0 < α < 1
 else 0.01, θ* = (1 - α) θ* + α θ, g_prev = g. At the end of the task θ = θ*. g_prev starts at 0 on each
 task, so the first step's c is |g|_1. Only the LoRA tensors are averaged; the other trainables keep their
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mage.lora import iter_multi_lora
 from mage.methods.base import GradGetter, lora_group_params
 from mage.methods.finetune import SequentialLoRA
 
@@ -30,6 +34,12 @@ class CIA(SequentialLoRA):
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         self.named = list(lora_group_params(model))
+        # The stacked tensors: per layer, the indices (into self.named) of its A groups, then of its B groups.
+        index = {n: i for i, (n, _) in enumerate(self.named)}
+        self.stacked: list[list[int]] = []
+        for layer, m in iter_multi_lora(model):
+            for kind in ("lora_A_groups", "lora_B_groups"):
+                self.stacked.append([index[f"{layer}.{kind}.{g}"] for g in range(m.num_groups)])
         self.tasks_done = torch.zeros((), dtype=torch.int64)  # on the CPU: read once per task, never per step
         self.ema: dict[str, torch.Tensor] = {}
         self.g_prev: dict[str, torch.Tensor] = {}
@@ -56,13 +66,18 @@ class CIA(SequentialLoRA):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        for g, (name, p) in zip(self._grads, self.named):
-            ema, prev = self.ema[name], self.g_prev[name]
-            theta = p.float()
-            # One small reduction each, kept on the device: α never goes through the host.
-            alpha = cia_alpha((theta - ema).abs().sum(), g.abs().sum(), (g - prev).abs().sum())
-            ema.lerp_(theta, alpha)
-            prev.copy_(g)
+        if not self.ema:  # task 1: plain LoRA
+            return
+        for members in self.stacked:
+            parts = [(self.named[i][0], self.named[i][1].float(), self._grads[i]) for i in members]
+            # Small reductions summed over the layer's groups, kept on the device: α never goes through the host.
+            a = sum((theta - self.ema[n]).abs().sum() for n, theta, _ in parts)
+            b = sum(g.abs().sum() for _, _, g in parts)
+            c = sum((g - self.g_prev[n]).abs().sum() for n, _, g in parts)
+            alpha = cia_alpha(a, b, c)
+            for n, theta, g in parts:
+                self.ema[n].lerp_(theta, alpha)
+                self.g_prev[n].copy_(g)
 
     @torch.no_grad()
     def on_task_end(self) -> None:

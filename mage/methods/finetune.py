@@ -1,4 +1,5 @@
-"""Baselines without PEMA: sequential LoRA fine-tune and EW+GA (group masking, paper Table 4)."""
+"""Baselines without PEMA: sequential LoRA fine-tune, and the ablations EW and EW+GA of Table 4 of the
+Continual-NExT paper that introduces MAGE (SPEC section 5)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,6 +14,14 @@ class SequentialLoRA(ContinualMethod):
 
     def lora_groups_for(self, task_groups: Sequence[int]) -> tuple[int, ...]:
         return tuple(range(self.modules[0].num_groups))
+
+
+class EqualWeight(SequentialLoRA):
+    """EW (paper Table 4): MoELoRA's four rank-r experts with the router replaced by an equal-weight sum,
+    trained on every task. With the shared scaling alpha / (G r) that is exactly one rank-(G r) LoRA, so
+    it computes what ``lora`` computes; it is kept under its own name for the ablation table."""
+
+    name = "ew"
 
 
 class GroupMasked(ContinualMethod):

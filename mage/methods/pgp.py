@@ -1,12 +1,14 @@
-"""PGP on the LoRA baseline: gradient projection of the LoRA A matrices (SPEC section 5).
+"""PGP on the LoRA baseline: gradient projection of the LoRA A matrices (SPEC section 5), following
+Qiao et al., "Prompt Gradient Projection for Continual Learning" (ICLR 2024) with GPM's bases
+(Saha et al., "Gradient Projection Memory for Continual Learning", ICLR 2021).
 
 Per adapted linear, an orthonormal basis U (d_in x k) of the input activations of earlier tasks, grown
 after each task by GPM's energy rule (Saha et al., 2021) from activation rows of ``pgp_samples``
-examples. While training later tasks, every step projects dA <- dA - dA U Uᵀ, so A's update to earlier
-tasks' inputs (A x for x in span U) vanishes to first order; B is not projected.
-
-The projection acts on the gradient: AdamW's elementwise normalisation and weight decay then act on the
-projected gradient, as they would in any projected-gradient method used with Adam.
+examples. While training later tasks, every step projects the gradient dA <- dA - dA U Uᵀ and then the
+update itself: AdamW's elementwise normalisation and its weight decay would otherwise move A inside
+span U (an elementwise rescaling of a projected gradient is no longer orthogonal to U), so after the
+optimizer step A <- A_before + ΔA - ΔA U Uᵀ with ΔA = A - A_before. A x for x in span U is then exactly
+what it was when the task started; B is not projected.
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ class PGP(SequentialLoRA):
         self.bases = {name: m.lora_A_groups[0].new_zeros(m.in_features, 0, dtype=torch.float32)
                       for name, m in self.lora_layers}
         self.tasks_seen = 0  # seeds the token sampling; restored from the bases' state
+        self._before: dict[int, torch.Tensor] = {}  # id(A group) -> its value before this optimizer step
 
     def before_clip(self, grad_of: GradGetter) -> None:
         for name, m in self.lora_layers:
@@ -84,6 +87,12 @@ class PGP(SequentialLoRA):
             if basis.shape[1] == 0:
                 continue
             for p in m.lora_A_groups:
+                if p.requires_grad:
+                    before = self._before.get(id(p))
+                    if before is None:
+                        self._before[id(p)] = p.detach().clone()
+                    else:
+                        before.copy_(p.detach())
                 g = grad_of(p)
                 if g is None:
                     continue
@@ -91,6 +100,21 @@ class PGP(SequentialLoRA):
                     raise RuntimeError("PGP projects the gradients in place, but the engine handed a copy "
                                        "(DeepSpeed ZeRO partitions them): use train.engine=ddp with method.name=pgp")
                 project_out_(g, basis)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for name, m in self.lora_layers:
+            basis = self.bases[name]
+            if basis.shape[1] == 0:
+                continue
+            for p in m.lora_A_groups:
+                before = self._before.get(id(p))
+                if before is not None and p.requires_grad:
+                    # p <- p - (ΔA U) Uᵀ: removes the part of the whole update (Adam scaling, decay) in span U.
+                    p.sub_((((p.float() - before.float()) @ basis) @ basis.T).to(p.dtype))
+
+    def on_task_end(self) -> None:
+        self._before = {}
 
     @torch.no_grad()
     def on_task_end_data(self, batches: BatchSource, loss_of: LossOf) -> None:

@@ -86,13 +86,16 @@ class MethodConfig:
     train_embeddings: bool = True       # within those: token embeddings and lm_head (docs/TRAINING.md)
     pema_horizon: float = 0.0           # > 0: fixed/fisher beta = 1 - 1/(horizon * steps_per_task); 0: fixed_beta
     # Baselines (SPEC section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
-    ewc_lambda: float = 5000.0          # weight of (lambda/2) * sum F (theta - theta*)^2
+    ewc_lambda: float = 5e5             # weight of (lambda/2) * sum F (theta - theta*)^2; docs/TRAINING.md "EWC's λ"
     ewc_samples: int = 200              # examples of the finished task for its Fisher (whole micro-batches)
     ewc_online: bool = False            # False: last task's Fisher (the references); True: sum over tasks
     pgp_samples: int = 200              # examples of the finished task whose activations grow the bases
     pgp_tokens_per_example: int = 8     # activation rows sampled per example (valid tokens) per layer
     pgp_threshold: float = 0.97         # GPM energy threshold epsilon
     pgp_max_basis: float = 0.5          # cap on a basis' size, as a fraction of the layer's input width
+    reglora_lambda: float = 2500.0      # RegLoRA: weight of mean |(B A)_ij| over the stored key positions
+    reglora_top_fraction: float = 0.02  # RegLoRA: share of |B A| entries kept as key positions per task
+    lae_momentum: float = 0.99          # LAE: offline EMA m (the paper's 0.99; the LAE reference uses 0.9999)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,10 @@ class EvalConfig:
     image_guidance_scale: float = 1.5   # editing (HQEdit) only
     decode_size: int = 1024
     decode_seed: int = 42
+    # An image answer scoring below this (per example, same scale as the task score) is labelled a
+    # hallucination in the error-type forgetting (Avg.HAL); 50 sits between the mini benchmark's
+    # untrained (~0) and learned (~90) centred feature scores.
+    image_label_threshold: float = 50.0
 
 
 @dataclass(frozen=True)

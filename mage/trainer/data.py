@@ -88,18 +88,28 @@ def image_config(model, task: str | None = None, per_task_grids: bool = False) -
     return cfg.for_task(task) if per_task_grids and task is not None else cfg
 
 
-class TrainStream:
-    """An endless, resumable stream of training batches of one task (epoch after epoch)."""
+# Shuffle seed offset of the joint stream (all tasks mixed); single tasks use their index 0..5.
+JOINT_SEED_OFFSET = 997
 
-    def __init__(self, task: TaskSpec, root: Path, model, *, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0, data_cfg=None):
+
+class TrainStream:
+    """An endless, resumable stream of training batches of one task (epoch after epoch), or of several tasks'
+    records shuffled together (joint training) when ``task`` is a list."""
+
+    def __init__(self, task: TaskSpec | list[TaskSpec], root: Path, model, *, batch_size: int, seed: int, rank: int,
+                 world_size: int, num_workers: int = 0, data_cfg=None):
+        tasks = list(task) if isinstance(task, (list, tuple)) else [task]
         options = reader_options(data_cfg) if data_cfg is not None else None
         per_task_grids = bool(data_cfg is not None and data_cfg.per_task_grids)
-        records = load_train_records(task.name, root, options)
+        if per_task_grids and len(tasks) > 1:
+            raise ValueError("data.per_task_grids with joint training: the tasks' grids differ within one stream; "
+                             "turn per_task_grids off for the joint method")
+        records = [r for t in tasks for r in load_train_records(t.name, root, options)]
         # Each task shuffles with its own seed, so task order does not change a task's batches.
-        self.loader = build_dataloader(records, model.tokenizer, image_config(model, task.name, per_task_grids),
-                                       batch_size, seed=seed * 1000 + TASK_NAMES.index(task.name), mode="train",
-                                       rank=rank, world_size=world_size, num_workers=num_workers,
+        offset = TASK_NAMES.index(tasks[0].name) if len(tasks) == 1 else JOINT_SEED_OFFSET
+        self.loader = build_dataloader(records, model.tokenizer, image_config(model, tasks[0].name, per_task_grids),
+                                       batch_size, seed=seed * 1000 + offset, mode="train", rank=rank,
+                                       world_size=world_size, num_workers=num_workers,
                                        polite_reply=bool(data_cfg is not None and data_cfg.polite_reply))
         self._it = None
 

@@ -29,7 +29,7 @@ from mage.data.dataset import build_dataloader
 from mage.data.images import load_image
 from mage.data.readers import Record, load_test_records
 from mage.data.tasks import TaskSpec
-from mage.eval.scorers import COMPAT_SCORERS, error_labels, feature_cosine_score, score_text
+from mage.eval.scorers import COMPAT_SCORERS, error_labels, feature_cosine_score, image_error_labels, score_text
 from mage.trainer.config import ConfigError
 from mage.trainer.data import image_config, reader_options, to_device
 from mage.trainer.distributed import DistInfo
@@ -110,12 +110,12 @@ def centred_feature_scores(generated: list[torch.Tensor | None], target_batches:
     return scores
 
 
-def _image_outputs(model, batch: dict, eval_cfg) -> list[torch.Tensor | None]:
+def _image_outputs(model, batch: dict, eval_cfg, generator=None) -> list[torch.Tensor | None]:
     """(Q, D) features of each example's generated image, None where the model produced no image."""
     if eval_cfg.image_generation == "free":
         out = model.generate_free(batch, eval_cfg.max_new_tokens + model.num_image_tokens + 2)
         return [None if f is None else f.float() for f in out.image_features]
-    return list(model.generate_image_features(batch).float())
+    return list((model if generator is None else generator).generate_image_features(batch).float())
 
 
 def _clip_scores(model, task: TaskSpec, records: list[Record], generated: list[torch.Tensor | None], eval_cfg,
@@ -139,8 +139,14 @@ def _clip_scores(model, task: TaskSpec, records: list[Record], generated: list[t
 
 @torch.no_grad()
 def _evaluate_task(model, task: TaskSpec, records: list[Record], eval_cfg, info: DistInfo, bf16: bool,
-                   data_cfg, decoder_path: str):
-    """(index, prediction text or image score) for this rank's share of ``records``."""
+                   data_cfg, decoder_path: str, generator=None):
+    """(index, prediction text or image score) for this rank's share of ``records``; ``generator`` (a method's
+    decoding, e.g. LAE's two models) replaces the model's generate_text / generate_image_features (forced
+    image generation only)."""
+    if generator is not None and eval_cfg.image_generation == "free":
+        raise ConfigError("this method decodes with its own generator, which has no free-running mode; "
+                          "use eval.image_generation = 'forced'")
+    generator = model if generator is None else generator
     mine = list(range(info.rank, len(records), info.world_size))
     shard = [records[i] for i in mine]
     per_task_grids = bool(data_cfg is not None and data_cfg.per_task_grids)
@@ -155,9 +161,9 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], eval_cfg, info:
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
             if task.output == "text":
                 texts += (model.generate_free(batch, eval_cfg.max_new_tokens).texts if free
-                          else model.generate_text(batch, eval_cfg.max_new_tokens))
+                          else generator.generate_text(batch, eval_cfg.max_new_tokens))
                 continue
-            generated += _image_outputs(model, batch, eval_cfg)
+            generated += _image_outputs(model, batch, eval_cfg, generator)
             if cosine:
                 t = batch.get("target_images")
                 if t is None or t.shape[0] != len(batch["example_ids"]):
@@ -176,12 +182,13 @@ def _evaluate_task(model, task: TaskSpec, records: list[Record], eval_cfg, info:
 
 def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo, bf16: bool,
                    progress: Callable[[int], object] | None = None, *, eval_for: Callable[[str], object] | None = None,
-                   data_cfg=None, decoder_path: str = "") -> tuple[list[float], dict[int, list[str]]]:
-    """Scores (percent) of every task in order, and per-example error labels of the text tasks (and, under
-    free-running generation, of the image tasks: "IUF" where no image was produced).
+                   data_cfg=None, decoder_path: str = "", generator=None) -> tuple[list[float], dict[int, list[str]]]:
+    """Scores (percent) of every task in order, and per-example error labels of every task (image tasks:
+    no image under free-running generation is IUF; a score below ``image_label_threshold`` is HAL).
 
     `cfg` is the EvalConfig; `eval_for(task)` gives a task's own (task_overrides), `data_cfg` the
-    DataConfig (reader options, per-task grids), `decoder_path` SEED-X's decoder folder.
+    DataConfig (reader options, per-task grids), `decoder_path` SEED-X's decoder folder, `generator` a
+    method's decoding (LAE).
     """
     eval_for = eval_for or (lambda _name: cfg)
     for task in tasks:
@@ -197,7 +204,7 @@ def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo
             records = load_test_records(task.name, root, options)
             if eval_cfg.max_examples:
                 records = records[:eval_cfg.max_examples]
-            local = _evaluate_task(model, task, records, eval_cfg, info, bf16, data_cfg, decoder_path)
+            local = _evaluate_task(model, task, records, eval_cfg, info, bf16, data_cfg, decoder_path, generator)
             if info.distributed:
                 parts = [None] * info.world_size
                 dist.all_gather_object(parts, local)
@@ -211,10 +218,8 @@ def evaluate_tasks(model, tasks: list[TaskSpec], root: Path, cfg, info: DistInfo
                 labels[i] = error_labels(task.name, outputs, references, correct=correct)
             else:
                 score = sum(s for s, _ in outputs) / len(outputs)
-                if eval_cfg.image_generation == "free":
-                    # No image for an image instruction is instruction-unfollowing; an image is not
-                    # labelled an error (its score is graded, not right or wrong).
-                    labels[i] = ["correct" if produced else "IUF" for _, produced in outputs]
+                labels[i] = image_error_labels([s if produced else None for s, produced in outputs],
+                                               eval_cfg.image_label_threshold)
             scores.append(score)
             if bar is not None:
                 bar.update(1)

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mage.eval.metrics import error_type_forgetting
+from mage.eval.metrics import error_type_forgetting, single_phase_metrics
 from mage.lora import iter_multi_lora, wrap_llama_lora
-from mage.methods import ContinualMethod, build_method
+from mage.methods import METHODS, ContinualMethod, build_method
 from mage.methods.base import lora_group_params
 from mage.model import build_model
 from mage.model.checkpoint import load_seed_x
 from mage.model.pretrain import load_base_, resolve_base
 from mage.trainer.checkpoint import CheckpointError, load_checkpoint, prune_mid_task, read_latest, save_checkpoint
-from mage.trainer.config import Config, config_differences, save_config
+from mage.trainer.config import Config, ConfigError, config_differences, save_config
 from mage.trainer.data import (TrainStream, check_pretrained_tasks, check_task_overrides, prepare_data, resolve_tasks,
                                to_device)
 from mage.trainer.distributed import DistInfo, barrier
@@ -38,6 +38,8 @@ from mage.trainer.report import compute_metrics, format_matrix, format_metrics, 
 # Test hook: "TASK:STEP" (1-based task, optimizer steps done) -> SIGKILL this process right after that
 # step's mid-task checkpoint logic, as an abrupt crash would.
 CRASH_ENV = "MAGE_CRASH_AT"
+# The label of the one evaluation row of methods that do not train task by task (method.schedule).
+SINGLE_ROW_LABELS = {"joint": "joint (all tasks)", "none": "no training"}
 
 
 class NonFiniteStepsError(RuntimeError):
@@ -144,6 +146,8 @@ class SequenceTrainer:
 
     def __init__(self, cfg: Config, info: DistInfo):
         self.cfg, self.info = cfg, info
+        if cfg.method.name not in METHODS:
+            raise ConfigError(f"unknown method.name {cfg.method.name!r}; valid methods: {', '.join(sorted(METHODS))}")
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tasks = resolve_tasks(cfg.data)
@@ -235,7 +239,8 @@ class SequenceTrainer:
     def _evaluate_row(self, after: int) -> list[float]:
         scores, labels = evaluate_tasks(self.model, self.tasks, self.data_root, self.cfg.eval, self.info, self.bf16,
                                         progress=self.log.eval_bar(after), eval_for=self._eval_for,
-                                        data_cfg=self.cfg.data, decoder_path=self.cfg.model.decoder_path)
+                                        data_cfg=self.cfg.data, decoder_path=self.cfg.model.decoder_path,
+                                        generator=self.method.generator())
         if after >= 1:  # keyed by the 0-based index of the last trained task
             for i, lab in labels.items():
                 self.progress.labels[f"{after - 1},{i}"] = lab
@@ -244,14 +249,21 @@ class SequenceTrainer:
 
     # -- training one task
     def _train_task(self, k: int) -> None:
-        task = self.tasks[k]
-        if task.name in self.cfg.data.pretrained_tasks:  # trained by model.init_from: evaluated, not retrained
-            self.log.message(f"task {k + 1} ({task.name}): taken from {self.cfg.model.init_from}, not retrained")
-            return
-        cfg = self.cfg.for_task(task.name)
-        total = cfg.train.steps_per_task
+        if self.method.schedule == "joint":
+            # One phase on every task's data mixed, with the sequence's total step budget (per-task
+            # overrides count only through their steps) and the union of the tasks' LoRA groups.
+            task, cfg = list(self.tasks), self.cfg
+            total = sum(self.cfg.for_task(t.name).train.steps_per_task for t in self.tasks)
+            groups = tuple(sorted({g for t in self.tasks for g in t.lora_groups}))
+        else:
+            task = self.tasks[k]
+            if task.name in self.cfg.data.pretrained_tasks:  # trained by model.init_from: evaluated, not retrained
+                self.log.message(f"task {k + 1} ({task.name}): taken from {self.cfg.model.init_from}, not retrained")
+                return
+            cfg = self.cfg.for_task(task.name)
+            total, groups = cfg.train.steps_per_task, task.lora_groups
         self.method.steps_in_task = total
-        self.method.on_task_start(task.lora_groups)
+        self.method.on_task_start(groups)
         engine = build_engine(self.model, self.method.param_groups(cfg.optim.weight_decay), cfg.optim, cfg.train,
                               total, self.info)
         stream = TrainStream(task, self.data_root, self.model, batch_size=cfg.train.batch_size,
@@ -349,10 +361,14 @@ class SequenceTrainer:
             save_config(self.cfg, self.run_dir / "config.json")
         start = time.perf_counter()
         p = self.progress
-        if self.cfg.eval.zero_shot and p.zero_shot is None and p.task == 0 and p.step == 0:
+        schedule = self.method.schedule
+        phases = {"sequential": len(self.tasks), "joint": 1, "none": 0}[schedule]
+        if (self.cfg.eval.zero_shot or schedule == "none") and p.zero_shot is None and p.task == 0 and p.step == 0:
             p.zero_shot = self._evaluate_row(0)
-        seq_bar = self.log.sequence_bar(len(self.tasks), initial=p.task)
-        for k in range(p.task, len(self.tasks)):
+        if schedule == "none":  # the zero-shot row is the result
+            p.rows = [list(p.zero_shot)]
+        seq_bar = self.log.sequence_bar(phases, initial=p.task)
+        for k in range(p.task, phases):
             self._train_task(k)
             p.rows.append(self._evaluate_row(k + 1))
             p.task, p.step, p.nonfinite = k + 1, 0, 0
@@ -363,19 +379,30 @@ class SequenceTrainer:
         metrics = self._write_reports()
         self.log.finish(time.perf_counter() - start)
         return {"tasks": [t.name for t in self.tasks], "zero_shot": p.zero_shot, "matrix": p.rows,
-                "metrics": metrics}
+                "metrics": metrics, "row_labels": self._row_labels()}
+
+    def _row_labels(self) -> list[str] | None:
+        label = SINGLE_ROW_LABELS.get(self.method.schedule)
+        return None if label is None else [label] * len(self.progress.rows)
 
     def _write_reports(self) -> dict:
         p = self.progress
         if not p.rows:
             return {}
+        if self.method.schedule != "sequential":
+            metrics = single_phase_metrics(p.rows[-1])
+            if self.info.is_main:
+                write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics,
+                              scorers=scorer_names(self.tasks, self._eval_for), row_labels=self._row_labels())
+            return metrics
         metrics = compute_metrics(p.rows, p.zero_shot if self.cfg.eval.zero_shot else None)
-        # Error-type forgetting (Eqs. 8-10) over the earlier tasks whose answers carry labels (text tasks).
+        # Error-type forgetting (Eqs. 8-10) over ALL earlier tasks, image tasks included (SPEC section 6);
+        # left out (n/a) rather than averaged over a subset when some labels are missing.
         labels, last = p.error_labels(), len(p.rows) - 1
-        labelled = [i for i in range(last) if (i, i) in labels and (last, i) in labels]
-        if labelled:
-            metrics.update(error_type_forgetting([labels[(last, i)] for i in labelled],
-                                                 [labels[(i, i)] for i in labelled]))
+        earlier = range(last)
+        if last >= 1 and all((i, i) in labels and (last, i) in labels for i in earlier):
+            metrics.update(error_type_forgetting([labels[(last, i)] for i in earlier],
+                                                 [labels[(i, i)] for i in earlier]))
         if self.info.is_main:
             write_reports(self.run_dir, [x.name for x in self.tasks], p.rows, p.zero_shot, metrics,
                           scorers=scorer_names(self.tasks, self._eval_for))
@@ -386,7 +413,7 @@ def run_sequence(cfg: Config, info: DistInfo) -> dict:
     result = SequenceTrainer(cfg, info).run()
     if info.is_main:
         print("\nAccuracy matrix (rows: after training task j; columns: tasks)")
-        print(format_matrix(result["tasks"], result["matrix"], result["zero_shot"]))
+        print(format_matrix(result["tasks"], result["matrix"], result["zero_shot"], result["row_labels"]))
         print()
         print(format_metrics(result["metrics"]))
     return result

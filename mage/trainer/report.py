@@ -13,15 +13,17 @@ METRIC_ROWS = (
 )
 
 
-def format_matrix(tasks: list[str], rows: list[list[float]], zero_shot: list[float] | None) -> str:
-    """Fixed-width text table: one row per evaluation point, one column per task."""
+def format_matrix(tasks: list[str], rows: list[list[float]], zero_shot: list[float] | None,
+                  row_labels: list[str] | None = None) -> str:
+    """Fixed-width text table: one row per evaluation point, one column per task (rows labelled by the task
+    trained last unless ``row_labels`` names them, e.g. one joint-training row)."""
     width = max(9, *(len(t) + 1 for t in tasks))
-    head = f"{'after':<14}" + "".join(f"{t:>{width}}" for t in tasks)
-    lines = [head]
     labelled = ([("zero-shot", zero_shot)] if zero_shot is not None else []) + \
-               [(f"{j + 1}:{tasks[j]}", r) for j, r in enumerate(rows)]
+               [(row_labels[j] if row_labels else f"{j + 1}:{tasks[j]}", r) for j, r in enumerate(rows)]
+    first = max(14, *(len(label) + 1 for label, _ in labelled)) if labelled else 14
+    lines = [f"{'after':<{first}}" + "".join(f"{t:>{width}}" for t in tasks)]
     for label, r in labelled:
-        lines.append(f"{label:<14}" + "".join(f"{v:>{width}.2f}" for v in r))
+        lines.append(f"{label:<{first}}" + "".join(f"{v:>{width}.2f}" for v in r))
     return "\n".join(lines)
 
 
@@ -42,12 +44,14 @@ def format_metrics(metrics: dict) -> str:
 
 
 def write_reports(run_dir: Path, tasks: list[str], rows: list[list[float]], zero_shot: list[float] | None,
-                  metrics: dict, scorers: dict[str, str] | None = None) -> None:
-    """`scorers`: task -> what its score is (e.g. "feature-cosine stand-in (not CLIP)"), written with the numbers."""
+                  metrics: dict, scorers: dict[str, str] | None = None, row_labels: list[str] | None = None) -> None:
+    """`scorers`: task -> what its score is (e.g. "feature-cosine stand-in (not CLIP)"), written with the numbers;
+    `row_labels`: names of the matrix rows when they are not "after task j" (joint, zero_shot)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "accuracy_matrix.json").write_text(json.dumps(
         {"tasks": tasks, "zero_shot": zero_shot, "matrix": rows, "scorers": scorers,
-         "note": "matrix[j][i] = score on task i after training task j (0-based); zero_shot = before training"},
+         "note": "matrix[j][i] = score on task i after training task j (0-based); zero_shot = before training",
+         **({"row_labels": row_labels} if row_labels else {})},
         indent=2) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     lines = ["# Continual-learning metrics", "", f"Tasks: {', '.join(tasks)} ({len(rows)} trained)", "",
@@ -55,21 +59,23 @@ def write_reports(run_dir: Path, tasks: list[str], rows: list[list[float]], zero
     lines += [f"| {label} | {'n/a' if metrics.get(key) is None else f'{metrics[key]:.2f}'} |"
               for key, label in METRIC_ROWS]
     lines += ["", "Forgetting (paper form) = mean_i (A[i][i] - A[T][i]); max form uses max_j A[j][i].", "",
-              "## Accuracy matrix", "", "```", format_matrix(tasks, rows, zero_shot), "```", ""]
+              "## Accuracy matrix", "", "```", format_matrix(tasks, rows, zero_shot, row_labels), "```", ""]
     if scorers:
         lines += ["## Scores", ""] + [f"- {t}: {scorers[t]}" for t in tasks if t in scorers] + [""]
     (run_dir / "metrics.md").write_text("\n".join(lines))
-    _heatmap(run_dir / "accuracy_matrix.png", tasks, rows, zero_shot)
+    _heatmap(run_dir / "accuracy_matrix.png", tasks, rows, zero_shot, row_labels)
 
 
-def _heatmap(path: Path, tasks: list[str], rows: list[list[float]], zero_shot: list[float] | None) -> None:
+def _heatmap(path: Path, tasks: list[str], rows: list[list[float]], zero_shot: list[float] | None,
+             row_labels: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = ([zero_shot] if zero_shot is not None else []) + rows
-    labels = (["zero-shot"] if zero_shot is not None else []) + [f"after {t}" for t in tasks[:len(rows)]]
+    labels = (["zero-shot"] if zero_shot is not None else []) + \
+        (list(row_labels) if row_labels else [f"after {t}" for t in tasks[:len(rows)]])
     fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2, 0.6 * len(data) + 1.5))
     im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
