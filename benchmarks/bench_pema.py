@@ -57,7 +57,7 @@ def lora_shapes(scale: float, layers: int) -> list[tuple[int, int]]:
 
 
 def make_lists(shapes, device, param_dtype, seed=0) -> Lists:
-    """Magnitudes as measured in SPEC section 4 (|Δ| ~ 1e-4..1e-3, |g| ~ 1e-5, F ~ 1e-9)."""
+    """Magnitudes as measured in docs/METHOD.md section 4 (|Δ| ~ 1e-4..1e-3, |g| ~ 1e-5, F ~ 1e-9)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     emas, params, grads, fishers = [], [], [], []
     for shape in shapes:

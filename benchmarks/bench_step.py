@@ -59,7 +59,7 @@ def build_llm(shape: str, layers: int, dtype: torch.dtype, device: torch.device)
 
 
 def per_example_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean over examples of each example's mean next-token cross-entropy (SPEC section 3)."""
+    """Mean over examples of each example's mean next-token cross-entropy (docs/METHOD.md section 3)."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     return ce.mean(1).mean()

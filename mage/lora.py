@@ -1,4 +1,4 @@
-"""Four LoRA groups on one linear layer (SPEC section 2), with the per-example Fisher (section 3).
+"""Four LoRA groups on one linear layer (docs/METHOD.md section 2), with the per-example Fisher (section 3).
 
 The G groups of rank r are one rank-G*r LoRA whose rank slices are owned by groups. Each group has its
 own parameters so that a frozen group is simply absent from the optimizer (no state, no decay); the
@@ -111,7 +111,7 @@ class MultiLoRALinear(nn.Module):
         self.scaling = alpha / (rank * num_groups)
         d_in, d_out = base.in_features, base.out_features
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        # A ~ N(0, 0.01^2), B = 0 (SPEC section 2): the adapter starts as the identity.
+        # A ~ N(0, 0.01^2), B = 0 (docs/METHOD.md section 2): the adapter starts as the identity.
         self.lora_A_groups = nn.ParameterList(
             nn.Parameter(torch.randn(rank, d_in, **kw) * 0.01) for _ in range(num_groups))
         self.lora_B_groups = nn.ParameterList(nn.Parameter(torch.zeros(d_out, rank, **kw)) for _ in range(num_groups))

@@ -82,7 +82,7 @@ def pema_update_multi_(
 
     ``emas`` are contiguous float32; ``params`` and ``grads`` float32 or bfloat16 (upcast); ``fishers``
     (the mean Fisher) and ``fisher_prevs`` (needed by mode "fisher") float32; all of one shape per
-    group and on one device. Modes and scalars as in ``mage.pema.pema_update_`` (SPEC section 4).
+    group and on one device. Modes and scalars as in ``mage.pema.pema_update_`` (docs/METHOD.md section 4).
     """
     emas, params, grads, fishers = list(emas), list(params), list(grads), list(fishers)
     prevs = None if fisher_prevs is None else list(fisher_prevs)

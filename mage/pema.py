@@ -1,4 +1,4 @@
-"""PEMA: the parameter-wise EMA of MAGE (SPEC section 4), eager reference.
+"""PEMA: the parameter-wise EMA of MAGE (docs/METHOD.md section 4), eager reference.
 
 The fast multi-tensor op in ``mage.ops`` must match this function; it is also the fallback
 when the native extension is not built.

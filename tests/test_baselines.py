@@ -1,4 +1,4 @@
-"""The continual-learning baselines (SPEC section 5): EWC, CIA, PGP on the tiny SEED-X."""
+"""The continual-learning baselines (docs/METHOD.md section 5): EWC, CIA, PGP on the tiny SEED-X."""
 from __future__ import annotations
 
 import copy

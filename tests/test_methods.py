@@ -83,7 +83,7 @@ def test_mage_frozen_groups_bit_identical_and_absent_from_optimizer():
 
 
 def _per_example_fisher(model, batches):
-    """sum_n (dL_n/dθ)^2 by one backward per example: the definition (SPEC Eq. 2), no tricks."""
+    """sum_n (dL_n/dθ)^2 by one backward per example: the definition (docs/METHOD.md section 3, Eq. 2), no tricks."""
     set_track_fisher(model, False)
     params = [p for _, p in lora_group_params(model, (0, 3))]
     total = [torch.zeros_like(p) for p in params]

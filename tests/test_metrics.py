@@ -1,4 +1,4 @@
-"""continual_metrics on the worked example of SPEC section 6 and on hand cases."""
+"""continual_metrics on the worked example of docs/METHOD.md section 6 and on hand cases."""
 import pytest
 
 from mage.eval.metrics import continual_metrics

@@ -23,7 +23,7 @@ DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (tor
 # Empty, single entries, sizes that are no multiple of the vector width, and one spanning several
 # CPU work chunks (2^15 elements).
 SHAPES = [(0,), (1,), (3, 5), (7, 1, 3), (0, 4), (33,), (129, 17), (70_001,)]
-# "measured": the magnitudes of SPEC section 4 (beta is almost always clamped to 0 or 1);
+# "measured": the magnitudes of docs/METHOD.md section 4 (beta is almost always clamped to 0 or 1);
 # "mid": magnitudes and scalars for which most betas land strictly inside the clamp range.
 SCALES = {
     "measured": dict(ema=0.02, delta=5e-4, grad=1e-5, fisher=2e-9,
@@ -131,7 +131,7 @@ def test_many_tensors_of_odd_sizes():
         check_against_reference(mode, torch.float32, torch.float32, "mid", shapes, "cpu", seed=2)
 
 
-# Single entries worked by hand from SPEC section 4: (mode, ema, param, grad, fisher, fisher_prev, kwargs, expected).
+# Single entries worked by hand from docs/METHOD.md section 4: (mode, ema, param, grad, fisher, fisher_prev, kwargs, expected).
 HAND_CASES = [
     # H = F*F + lam = 2, g + 1 = 2 -> beta = 1/Δ = 0.25 -> 0.25*0 + 0.75*4
     ("paper", 0.0, 4.0, 1.0, 1.0, 0.0, dict(lam=1.0), 3.0),

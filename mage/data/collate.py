@@ -1,6 +1,6 @@
 """Batches for the model (docs/DESIGN.md "Model"): tokens, labels, image views and the image masks.
 
-One example's token sequence (SEED-X, SPEC section 7):
+One example's token sequence (SEED-X, docs/METHOD.md section 7):
 
     <s> [INST] {image tokens}{instruction 1} [/INST]\\n {answer 1} \\n[INST] {instruction 2} [/INST]\\n {answer 2} </s>
 

@@ -1,4 +1,4 @@
-"""Image transform and SEED-X "any resolution" views (SEEDX.md, Images).
+"""Image transform and SEED-X "any resolution" views (docs/DESIGN.md, "Model").
 
 An input image becomes V views, each a (3, size, size) tensor normalised with the CLIP mean/std:
 - global only (the tiny default): V = 1, the image resized to size x size, position (0.5, 0.5);

@@ -2,7 +2,7 @@
 
     python -m mage.data.mini --out DIR --seed N [--train-per-task K --test-per-task M --image-size S]
 
-writes, in the real release's layout (MAGE README and configs; SPEC section 7), with PNG images:
+writes, in the real release's layout (MAGE README and configs; docs/METHOD.md section 7), with PNG images:
 
     DIR/
       SEED-Data-VQAv2/      COCO2014/train2014/*.png  COCO2014/val2014/*.png  annotations/train.jsonl  questions/test.json

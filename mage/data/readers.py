@@ -1,4 +1,4 @@
-"""Readers of the Continual-NExT release as it is (SPEC section 7; `mage.data.mini` writes the same layout).
+"""Readers of the Continual-NExT release as it is (docs/METHOD.md section 7; `mage.data.mini` writes the same layout).
 
 Every record becomes a `Record`: a list of (instruction, answer) turns plus the input image and the
 target image paths. Conversation tasks keep every turn (each answer is supervised); text-to-image

@@ -1,9 +1,9 @@
-"""The six Continual-NExT tasks (SPEC sections 1, 2, 6, 7): modalities, trained LoRA groups, scorer, layout."""
+"""The six Continual-NExT tasks (docs/METHOD.md sections 1, 2, 6, 7): modalities, trained LoRA groups, scorer, layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# LoRA group order fixed by SPEC section 2 (same as mage.lora.GROUP_NAMES).
+# LoRA group order fixed by docs/METHOD.md section 2 (same as mage.lora.GROUP_NAMES).
 GROUP_NAMES = ("text_in", "image_in", "text_out", "image_out")
 
 
@@ -21,7 +21,7 @@ class TaskSpec:
 
     @property
     def lora_groups(self) -> tuple[int, ...]:
-        """Indices (into GROUP_NAMES) of the LoRA groups this task trains (SPEC section 2)."""
+        """Indices (into GROUP_NAMES) of the LoRA groups this task trains (docs/METHOD.md section 2)."""
         groups = [0]  # text_in: every task has a text instruction
         if "image" in self.inputs:
             groups.append(1)

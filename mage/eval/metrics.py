@@ -1,4 +1,4 @@
-"""Continual-learning metrics over an accuracy matrix (SPEC section 6).
+"""Continual-learning metrics over an accuracy matrix (docs/METHOD.md section 6).
 
 ``matrix[j][i]`` (0-based here) is the score on task i after training task j. Rows are either
 lower-triangular (row j holds tasks 0..j) or full (every task after every task, which also gives the
@@ -40,7 +40,7 @@ def error_type_forgetting(labels_final: Sequence[Sequence[str]],
     last task but were not errors of type X right after task i, averaged over tasks i < T.
 
     ``labels_final[i]`` and ``labels_after_own[i]`` are per-example labels (one of LABELS) for EVERY
-    earlier task i < T (SPEC section 6: image tasks included, labelled by ``image_error_labels``), after
+    earlier task i < T (docs/METHOD.md section 6: image tasks included, labelled by ``image_error_labels``), after
     the last task and after task i itself.
     """
     if len(labels_final) != len(labels_after_own):

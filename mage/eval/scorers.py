@@ -1,4 +1,4 @@
-"""Per-task scores and the offline error-type labeller (SPEC section 6).
+"""Per-task scores and the offline error-type labeller (docs/METHOD.md section 6).
 
 - `exact_match` (default for VQAv2, ImageNet, OCRVQA): normalised equality (lowercase, punctuation
   and articles a/an/the removed, spaces collapsed); an empty prediction is wrong.

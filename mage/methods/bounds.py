@@ -1,4 +1,4 @@
-"""The two reference rows of the paper's Table 1 (SPEC section 5): zero-shot (no training, the lower
+"""The two reference rows of the paper's Table 1 (docs/METHOD.md section 5): zero-shot (no training, the lower
 bound) and joint training (every task's data at once, the upper bound of sequential training).
 
 Neither is a continual method; each declares a ``schedule`` the trainer reads: ``joint`` trains one phase

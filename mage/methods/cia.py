@@ -1,4 +1,4 @@
-"""CIA's dynamic EMA on the LoRA baseline, without instruction grouping (SPEC section 5), following
+"""CIA's dynamic EMA on the LoRA baseline, without instruction grouping (docs/METHOD.md section 5), following
 He et al., "Continual Instruction Tuning for Large Multimodal Models" (2023).
 
 The "tensor" of the method is each adapted linear's whole rank-(G r) LoRA A and whole B (PEFT's layout:
@@ -7,7 +7,7 @@ layer's A (or B). From the second task on, per such tensor and optimizer step, w
 gradient:  a = |θ - θ*|_1, b = |g|_1, c = |g - g_prev|_1, α = 2 (1 + b) / (a c), α := α if 0 < α < 1
 else 0.01, θ* = (1 - α) θ* + α θ, g_prev = g. At the end of the task θ = θ*. g_prev starts at 0 on each
 task, so the first step's c is |g|_1. Only the LoRA tensors are averaged; the other trainables keep their
-trained values (as MAGE's swap does, SPEC section 4).
+trained values (as MAGE's swap does, docs/METHOD.md section 4).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""EWC on the LoRA baseline (SPEC section 5): a diagonal Fisher at the end of each task, a quadratic pull
+"""EWC on the LoRA baseline (docs/METHOD.md section 5): a diagonal Fisher at the end of each task, a quadratic pull
 towards that task's parameters while training the next ones.
 
-The Fisher is our per-example one (SPEC section 3), accumulated by the LoRA backward in one pass over
+The Fisher is our per-example one (docs/METHOD.md section 3), accumulated by the LoRA backward in one pass over
 ``ewc_samples`` examples of the finished task. The penalty is computed on the live parameters, so it
 reaches the gradient (the public toolkits compute it on ``.data``, where it is a no-op).
 """

@@ -1,5 +1,5 @@
 """Baselines without PEMA: sequential LoRA fine-tune, and the ablations EW and EW+GA of Table 4 of the
-Continual-NExT paper that introduces MAGE (SPEC section 5)."""
+Continual-NExT paper that introduces MAGE (docs/METHOD.md section 5)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

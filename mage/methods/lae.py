@@ -1,5 +1,5 @@
 """LAE (Gao et al., "A Unified Continual Learning Framework with General Parameter-Efficient Tuning",
-ICCV 2023; SPEC section 5) on the rank-(G r) LoRA baseline.
+ICCV 2023; docs/METHOD.md section 5) on the rank-(G r) LoRA baseline.
 
 The online model trains as ``lora`` does. From the start of task 2 an offline copy (float32) of every
 tensor the method trains (all LoRA groups and the non-LoRA trainables, which SEED-X also tunes) follows it

@@ -1,4 +1,4 @@
-"""MAGE: per-task LoRA group masking + per-example Fisher + PEMA (SPEC sections 2-4).
+"""MAGE: per-task LoRA group masking + per-example Fisher + PEMA (docs/METHOD.md sections 2-4).
 
 Per optimizer step: the Fisher sums accumulated by the LoRA backward over the step's micro-batches are
 summed over data-parallel ranks with their example counts, turned into a mean, and drive the PEMA update

@@ -1,5 +1,5 @@
 """MoELoRA as the CoIN benchmark runs it (Chen et al., "CoIN: A Benchmark of Continual Instruction tuNing
-for Multimodel Large Language Model", 2024; SPEC section 5).
+for Multimodel Large Language Model", 2024; docs/METHOD.md section 5).
 
 The four rank-r LoRA groups are E = 4 experts. Per adapted linear a router W_r (d_in -> E, no bias, the
 default nn.Linear init, trainable) reads the layer input x; per token g(x) = softmax(W_r x), dense (no

@@ -1,4 +1,4 @@
-"""PGP on the LoRA baseline: gradient projection of the LoRA A matrices (SPEC section 5), following
+"""PGP on the LoRA baseline: gradient projection of the LoRA A matrices (docs/METHOD.md section 5), following
 Qiao et al., "Prompt Gradient Projection for Continual Learning" (ICLR 2024) with GPM's bases
 (Saha et al., "Gradient Projection Memory for Continual Learning", ICLR 2021).
 

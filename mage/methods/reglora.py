@@ -1,5 +1,5 @@
 """RegLoRA, the regularised-LoRA half of SEFE (Chen et al., "SEFE: Superficial and Essential Forgetting
-Eliminator for Multimodal Continual Instruction Tuning", ICML 2025; SPEC section 5).
+Eliminator for Multimodal Continual Instruction Tuning", ICML 2025; docs/METHOD.md section 5).
 
 At the end of every task, per adapted linear: the top ``reglora_top_fraction`` (2%) entries of |B A| (the
 task's whole rank-(G r) LoRA) become key positions S (accumulated over tasks, stored as sorted flat int32

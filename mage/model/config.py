@@ -1,6 +1,6 @@
 """Sizes of the SEED-X graph: the real SEED-X (LLaMA-2-13B + Qwen-VL ViT-G/448) and a tiny CPU copy.
 
-Names and semantics follow ../shared/SEEDX.md; the tiny preset keeps the same graph with small sizes.
+Names and semantics follow SEED-X (docs/DESIGN.md, "Model"); the tiny preset keeps the same graph with small sizes.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def _is_square(n: int) -> bool:
 
 
 def tiny_config() -> SeedXConfig:
-    """The tiny graph of SEEDX.md, sized for the CPU benchmark (docs/METHOD.md, "The tiny model").
+    """The tiny SEED-X graph, sized for the CPU benchmark (docs/METHOD.md, "The tiny model").
 
     Width 128: one group's rank 8 is 1/16 of it and the whole rank-32 LoRA 1/4, so the adapters are a
     low-rank update of a wider layer as in SEED-X (8 / 5120), while a training step stays ~0.15 s on one

@@ -1,4 +1,4 @@
-"""Per-example losses: each example's loss is averaged over its own tokens / elements only (SPEC 3)."""
+"""Per-example losses: each example's loss is averaged over its own tokens / elements only (docs/METHOD.md section 3)."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
 """SEED-X (ContinuousLVLM): frozen ViT -> input resampler -> LLaMA -> output resampler.
 
 Training forward and losses follow docs/DESIGN.md "Model"; the losses are reduced per example
-so that example n's own loss L_n is available to the Fisher (SPEC section 3).
+so that example n's own loss L_n is available to the Fisher (docs/METHOD.md section 3).
 """
 from __future__ import annotations
 

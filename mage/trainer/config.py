@@ -77,7 +77,7 @@ class LoRAConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "mage"                  # see mage.methods.METHODS
-    pema_mode: str = "fixed"            # paper | taylor | fixed | fisher (SPEC section 4); see docs/TRAINING.md
+    pema_mode: str = "fixed"            # paper | taylor | fixed | fisher (docs/METHOD.md section 4); see docs/TRAINING.md
     lam: float = 1e-5
     beta_min: float = 0.0
     beta_max: float = 1.0
@@ -85,7 +85,7 @@ class MethodConfig:
     train_non_lora: bool = True         # embeddings, lm_head, norms, resamplers, patch_pos_embed (SEED-X)
     train_embeddings: bool = True       # within those: token embeddings and lm_head (docs/TRAINING.md)
     pema_horizon: float = 0.0           # > 0: fixed/fisher beta = 1 - 1/(horizon * steps_per_task); 0: fixed_beta
-    # Baselines (SPEC section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
+    # Baselines (docs/METHOD.md section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
     ewc_lambda: float = 5e5             # weight of (lambda/2) * sum F (theta - theta*)^2; docs/TRAINING.md "EWC's λ"
     ewc_samples: int = 200              # examples of the finished task for its Fisher (whole micro-batches)
     ewc_online: bool = False            # False: last task's Fisher (the references); True: sum over tasks

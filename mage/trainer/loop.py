@@ -396,7 +396,7 @@ class SequenceTrainer:
                               scorers=scorer_names(self.tasks, self._eval_for), row_labels=self._row_labels())
             return metrics
         metrics = compute_metrics(p.rows, p.zero_shot if self.cfg.eval.zero_shot else None)
-        # Error-type forgetting (Eqs. 8-10) over ALL earlier tasks, image tasks included (SPEC section 6);
+        # Error-type forgetting (Eqs. 8-10) over ALL earlier tasks, image tasks included (docs/METHOD.md section 6);
         # left out (n/a) rather than averaged over a subset when some labels are missing.
         labels, last = p.error_labels(), len(p.rows) - 1
         earlier = range(last)

@@ -1,4 +1,4 @@
-"""AdamW and the cosine schedule with linear warmup and a floor (SPEC section 8)."""
+"""AdamW and the cosine schedule with linear warmup and a floor (docs/METHOD.md section 8)."""
 from __future__ import annotations
 
 import math
