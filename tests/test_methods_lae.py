@@ -62,11 +62,11 @@ def _setup_two_models():
 def test_decoding_takes_elementwise_max_of_both_distributions_with_two_caches():
     model, method = _setup_two_models()
     decoder = method.generator()
-    batch = text_batch(model, 3, length=6, seed=11)
+    batch = text_batch(model, 8, length=6, seed=11)  # rows enough that each model wins somewhere
     steps = 5
     eos = -1  # never ends early: every step is compared
     tokens = decoder.greedy_tokens(batch, steps, eos=eos, pad=0)
-    assert tokens.shape == (3, steps)
+    assert tokens.shape == (8, steps)
     # Reference without caches: the whole sequence again through each model at every step.
     params = [p for _, p in method.named]
     offline = [method.offline[n].to(p.dtype) for n, p in method.named]

@@ -32,7 +32,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         from tests.test_methods import text_batch, tiny_model
 
         model = tiny_model(seed=0)  # same weights on both ranks
-        method = build_method("mage", MethodConfig(), model)
+        method = build_method("mage", MethodConfig(pema_mode="fisher"), model)  # a mode that reads the Fisher
         method.on_task_start((0, 1, 2))
         engine = DDPEngine(model, method.param_groups(0.05), OptimConfig(lr=1e-2, warmup_steps=0),
                            TrainConfig(grad_accum=ACCUM), STEPS, DistInfo(rank, world, 0, torch.device("cpu")))
