@@ -85,7 +85,7 @@ def cell_name(cx: int, cy: int, size: int) -> str:
     return vocab.CELL_NAMES[row * 3 + col]
 
 
-def _render(objs, size: int) -> Image.Image:
+def render_objects(objs, size: int) -> Image.Image:
     img, d = canvas(size)
     for s, col, cx, cy, r in objs:
         draw_shape(d, s, col, cx, cy, r)
@@ -112,20 +112,31 @@ def _vqa_turn(rng: random.Random, objs, kind: str, size: int) -> tuple[str, str]
     return q.format(article=vocab.article(c), color=c, shape=sh), "no"
 
 
-def _vqav2(rng: random.Random, size: int, turns: int) -> tuple[list[str], Image.Image, dict]:
-    objs = _scene(rng, size, rng.randint(1, 3), (size // 9, size // 7), size // 48)
-    data: list[str] = []
-    for kind in rng.sample(tuple(vocab.VQA_QUESTIONS), turns):
-        data += _vqa_turn(rng, objs, kind, size)
-    return data, _render(objs, size), {}
+def random_scene(rng: random.Random, size: int) -> list[tuple[str, str, int, int, int]]:
+    """1-3 shapes of distinct shape and colour on the 3x3 layout (VQAv2's scenes, and the pretraining's)."""
+    return _scene(rng, size, rng.randint(1, 3), (size // 9, size // 7), size // 48)
 
 
-def _imagenet(rng: random.Random, size: int, turns: int):
+def draw_object(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    """One large drawing of an ImageNet-stand-in class in its colour, about the centre: (image, class)."""
     cls = rng.choice(vocab.CLASSES)
     img, d = canvas(size)
     c, j = size // 2, size // 16
     draw_class(d, cls, vocab.CLASS_COLORS[cls], c + rng.randint(-j, j), c + rng.randint(-j, j),
                rng.randint(size * 3 // 10, size // 3), rng)
+    return img, cls
+
+
+def _vqav2(rng: random.Random, size: int, turns: int) -> tuple[list[str], Image.Image, dict]:
+    objs = random_scene(rng, size)
+    data: list[str] = []
+    for kind in rng.sample(tuple(vocab.VQA_QUESTIONS), turns):
+        data += _vqa_turn(rng, objs, kind, size)
+    return data, render_objects(objs, size), {}
+
+
+def _imagenet(rng: random.Random, size: int, turns: int):
+    img, cls = draw_object(rng, size)
     return [vocab.CLASSIFY_QUESTION, cls], img, {}
 
 
@@ -167,10 +178,10 @@ def _refcoco(rng: random.Random, size: int, turns: int):
     box = format_box(tuple(min(1.0, max(0.0, v / size)) for v in (cx - r, cy - r, cx + r, cy + r)))
     template = vocab.GROUNDING_WHERE_QUESTION if rng.random() < 1 / 3 else vocab.GROUNDING_QUESTION
     q = template.format(color=col, shape=s)
-    return [q, box], _render(objs, size), {"size": [size, size], "answer_bbox": box}
+    return [q, box], render_objects(objs, size), {"size": [size, size], "answer_bbox": box}
 
 
-def _position_xy(rng: random.Random, size: int, pos: str) -> tuple[int, int]:
+def position_xy(rng: random.Random, size: int, pos: str) -> tuple[int, int]:
     fx, fy = vocab.POSITIONS[pos]
     j = size // 36
     return round(fx * size) + rng.randint(-j, j), round(fy * size) + rng.randint(-j, j)
@@ -178,8 +189,8 @@ def _position_xy(rng: random.Random, size: int, pos: str) -> tuple[int, int]:
 
 def _flickr30k(rng: random.Random, size: int, turns: int):
     s, col, pos = rng.choice(vocab.SHAPES), rng.choice(_COLORS), rng.choice(_POSITIONS)
-    cx, cy = _position_xy(rng, size, pos)
-    img = _render([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
+    cx, cy = position_xy(rng, size, pos)
+    img = render_objects([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
     caption = vocab.CAPTION.format(article=vocab.article(col), color=col, shape=s, position=pos)
     return [vocab.GENERATE_INSTRUCTION, caption], img, {}
 
@@ -187,8 +198,8 @@ def _flickr30k(rng: random.Random, size: int, turns: int):
 def _hqedit(rng: random.Random, size: int) -> tuple[str, Image.Image, Image.Image]:
     s, col, pos = rng.choice(vocab.SHAPES), rng.choice(_COLORS), rng.choice(_POSITIONS)
     r = size // 7 + rng.randint(-2, 2)
-    cx, cy = _position_xy(rng, size, pos)
-    source = _render([(s, col, cx, cy, r)], size)
+    cx, cy = position_xy(rng, size, pos)
+    source = render_objects([(s, col, cx, cy, r)], size)
     kind = rng.choice(tuple(vocab.EDIT_INSTRUCTIONS))
     template = vocab.EDIT_INSTRUCTIONS[kind]
     if kind == "recolor":
@@ -199,8 +210,8 @@ def _hqedit(rng: random.Random, size: int) -> tuple[str, Image.Image, Image.Imag
         instruction, target = template.format(shape=s, shape2=new), (new, col, cx, cy, r)
     else:
         new = rng.choice([p for p in _POSITIONS if p != pos])
-        instruction, target = template.format(shape=s, position=new), (s, col, *_position_xy(rng, size, new), r)
-    return instruction, source, _render([target], size)
+        instruction, target = template.format(shape=s, position=new), (s, col, *position_xy(rng, size, new), r)
+    return instruction, source, render_objects([target], size)
 
 
 _CONVERSATION_TASKS: dict[str, Callable] = {"vqav2": _vqav2, "imagenet": _imagenet, "ocrvqa": _ocrvqa,

@@ -24,9 +24,9 @@ import random
 
 from mage.data import vocab
 from mage.data.collate import Example
-from mage.data.draw import canvas, draw_class
 from mage.data.images import ImageConfig, image_views, target_view
-from mage.data.mini import _position_xy, _render, _scene, cell_name, draw_number, random_number
+from mage.data.mini import (cell_name, draw_number, draw_object, position_xy, random_number, random_scene,
+                            render_objects)
 
 SKILLS = ("describe", "describe_object", "count", "locate", "name", "color", "classify", "read", "point", "draw",
           "copy")
@@ -41,10 +41,6 @@ def _describe(objs, size: int) -> str:
     return " and ".join(parts)
 
 
-def _scene_objs(rng: random.Random, size: int):
-    return _scene(rng, size, rng.randint(1, 3), (size // 9, size // 7), size // 48)
-
-
 def _prompt(rng: random.Random, skill: str, **fields) -> str:
     return rng.choice(vocab.PRETRAIN_PROMPTS[skill]).format(**fields)
 
@@ -52,12 +48,8 @@ def _prompt(rng: random.Random, skill: str, **fields) -> str:
 def draw_skill(rng: random.Random, skill: str, size: int):
     """(instruction, answer text, input image or None, target image or None) of one example."""
     if skill in ("describe_object", "classify"):
-        cls = rng.choice(vocab.CLASSES)
-        img, d = canvas(size)
-        c, j = size // 2, size // 16
+        img, cls = draw_object(rng, size)
         color = vocab.CLASS_COLORS[cls]
-        draw_class(d, cls, color, c + rng.randint(-j, j), c + rng.randint(-j, j),
-                   rng.randint(size * 3 // 10, size // 3), rng)
         if skill == "classify":
             return _prompt(rng, "classify"), cls, img, None
         return _prompt(rng, "describe"), vocab.PRETRAIN_DESCRIBE_CLASS.format(
@@ -67,12 +59,12 @@ def draw_skill(rng: random.Random, skill: str, size: int):
         return _prompt(rng, "read"), text, draw_number(rng, size, text, rng.choice(tuple(vocab.COLORS))), None
     if skill == "draw":
         s, col, pos = rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)), rng.choice(vocab.CELL_NAMES)
-        cx, cy = _position_xy(rng, size, pos)
+        cx, cy = position_xy(rng, size, pos)
         description = vocab.PRETRAIN_DESCRIBE_OBJECT.format(article=vocab.article(col), color=col, shape=s, position=pos)
         return _prompt(rng, "draw", description=description), "", None, \
-            _render([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
-    objs = _scene_objs(rng, size)
-    img = _render(objs, size)
+            render_objects([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
+    objs = random_scene(rng, size)
+    img = render_objects(objs, size)
     s, col, cx, cy, _ = rng.choice(objs)
     if skill == "describe":
         return _prompt(rng, "describe"), _describe(objs, size), img, None
@@ -121,19 +113,15 @@ def vision_example(rng: random.Random, size: int):
     labels = {"cell_color": [0] * 9, "cell_shape": [0] * 9, "cls": [0], "digits": [10, 10], "text_color": [0]}
     kind = rng.choices(("scene", "object", "digits"), weights=(3, 1, 1))[0]
     if kind == "scene":
-        objs = _scene_objs(rng, size) if rng.random() < 0.7 else \
+        objs = random_scene(rng, size) if rng.random() < 0.7 else \
             [(rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)),
-              *_position_xy(rng, size, rng.choice(vocab.CELL_NAMES)), size // 7)]
+              *position_xy(rng, size, rng.choice(vocab.CELL_NAMES)), size // 7)]
         for s, c, x, y, _ in objs:
             cell = vocab.CELL_NAMES.index(cell_name(x, y, size))
             labels["cell_color"][cell], labels["cell_shape"][cell] = _COLOR_ID[c], 1 + vocab.SHAPES.index(s)
-        return _render(objs, size), labels
+        return render_objects(objs, size), labels
     if kind == "object":
-        cls = rng.choice(vocab.CLASSES)
-        img, d = canvas(size)
-        c, j = size // 2, size // 16
-        draw_class(d, cls, vocab.CLASS_COLORS[cls], c + rng.randint(-j, j), c + rng.randint(-j, j),
-                   rng.randint(size * 3 // 10, size // 3), rng)
+        img, cls = draw_object(rng, size)
         labels["cls"] = [1 + vocab.CLASSES.index(cls)]
         return img, labels
     text, color = random_number(rng), rng.choice(tuple(vocab.COLORS))
