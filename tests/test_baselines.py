@@ -12,6 +12,7 @@ from mage.methods.base import lora_group_params
 from mage.methods.cia import cia_alpha
 from mage.methods.pgp import grow_basis, project_out_
 from mage.trainer.config import MethodConfig
+from tests.mini_fixtures import write_mini
 from tests.test_methods import run_steps, text_batch, tiny_model
 
 ALL = (0, 1, 2, 3)
@@ -319,11 +320,7 @@ def test_pgp_keeps_old_outputs_a_x_under_adamw_with_weight_decay(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from mage.data.mini import generate
-
-    root = tmp_path_factory.mktemp("mini") / "data"
-    generate(root, seed=0, train_per_task=4, test_per_task=1, tasks=["vqav2", "hqedit"])
-    return root
+    return write_mini(tmp_path_factory, ["vqav2", "hqedit"], 4, 1)
 
 
 def tiny_run(data_root, out, method: str, *extra: str) -> dict:

@@ -12,6 +12,7 @@ import torch
 from mage.trainer.config import MethodConfig, load_config
 from mage.trainer.distributed import DistInfo
 from mage.trainer.loop import SequenceTrainer
+from tests.mini_fixtures import write_mini
 
 SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "ewc_lambda_sweep.py"
 
@@ -25,11 +26,7 @@ def _sweep_module():
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from mage.data.mini import generate
-
-    root = tmp_path_factory.mktemp("mini") / "data"
-    generate(root, seed=0, train_per_task=16, test_per_task=1, tasks=["vqav2", "imagenet"])
-    return root
+    return write_mini(tmp_path_factory, ["vqav2", "imagenet"], 16, 1)
 
 
 def _ratios(data_root, out, lam, steps=12):

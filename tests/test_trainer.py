@@ -17,6 +17,7 @@ from mage.trainer import checkpoint as ckpt
 from mage.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mage.trainer.config import ConfigError, load_config, parse_cli, save_config
 from mage.trainer.main import main
+from tests.mini_fixtures import write_mini
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = "vqav2,hqedit"  # image+text -> text, then image+text -> image: every batch field and LoRA group
@@ -24,11 +25,7 @@ TASKS = "vqav2,hqedit"  # image+text -> text, then image+text -> image: every ba
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from mage.data.mini import generate
-
-    root = tmp_path_factory.mktemp("mini") / "data"
-    generate(root, seed=0, train_per_task=12, test_per_task=4, tasks=TASKS.split(","))
-    return root
+    return write_mini(tmp_path_factory, TASKS.split(","), 12, 4)
 
 
 def small_args(data_root: Path, out: Path, *extra: str) -> list[str]:

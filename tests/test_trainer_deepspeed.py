@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import mage.trainer.loop as loop
 from mage.trainer.engine import DeepSpeedEngine, trainables_to_fp32_
 from mage.trainer.main import main
+from tests.mini_fixtures import write_mini
 
 TASK = "vqav2"
 
@@ -165,11 +166,7 @@ def fake_deepspeed(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from mage.data.mini import generate
-
-    root = tmp_path_factory.mktemp("mini") / "data"
-    generate(root, seed=0, train_per_task=12, test_per_task=2, tasks=[TASK])
-    return root
+    return write_mini(tmp_path_factory, [TASK], 12, 2)
 
 
 def args(data_root: Path, out: Path, *extra: str) -> list[str]:

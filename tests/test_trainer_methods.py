@@ -15,6 +15,7 @@ from mage.trainer.config import ConfigError, load_config
 from mage.trainer.distributed import DistInfo
 from mage.trainer.loop import SequenceTrainer
 from mage.trainer.main import main
+from tests.mini_fixtures import write_mini
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = "vqav2,hqedit"
@@ -22,11 +23,7 @@ TASKS = "vqav2,hqedit"
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from mage.data.mini import generate
-
-    root = tmp_path_factory.mktemp("mini") / "data"
-    generate(root, seed=0, train_per_task=4, test_per_task=2, tasks=TASKS.split(","))
-    return root
+    return write_mini(tmp_path_factory, TASKS.split(","), 4, 2)
 
 
 def args(data_root, out, method, *extra):

@@ -12,6 +12,7 @@ from mage.lora import iter_multi_lora
 from mage.trainer.engine import DDPEngine
 from mage.trainer.loop import NonFiniteStepsError, SequenceTrainer
 from mage.trainer.main import main
+from tests.mini_fixtures import write_mini
 
 TASK = "vqav2"
 STEPS, ACCUM, BAD_STEP = 5, 2, 2  # 0-based index of the step whose loss or gradient is made non-finite
@@ -31,11 +32,7 @@ class _NaNGradient(torch.autograd.Function):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from mage.data.mini import generate
-
-    root = tmp_path_factory.mktemp("mini") / "data"
-    generate(root, seed=0, train_per_task=12, test_per_task=2, tasks=[TASK])
-    return root
+    return write_mini(tmp_path_factory, [TASK], 12, 2)
 
 
 def args(data_root: Path, out: Path, *extra: str) -> list[str]:
