@@ -6,6 +6,8 @@ and new tokens are appended there; position ids count real tokens only.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,29 +42,45 @@ def token_id(tokenizer, token: str) -> int:
 
 def generate_text(model: "SeedXModel", batch: dict, max_new_tokens: int = 32) -> list[str]:
     tokenizer = _require_tokenizer(model)
-    eos = tokenizer.eos_token_id
-    texts = []
-    for row in greedy_tokens(model, batch, max_new_tokens, eos, tokenizer.pad_token_id).tolist():
+    return tokens_to_texts(tokenizer, greedy_tokens(model, batch, max_new_tokens, tokenizer.eos_token_id,
+                                                    tokenizer.pad_token_id))
+
+
+def tokens_to_texts(tokenizer, tokens: torch.Tensor) -> list[str]:
+    """Generated token rows cut at their first EOS and decoded without special tokens."""
+    eos, texts = tokenizer.eos_token_id, []
+    for row in tokens.tolist():
         row = row[: row.index(eos)] if eos in row else row
         texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
 
 
 @torch.no_grad()
-def greedy_tokens(model: "SeedXModel", batch: dict, max_new_tokens: int, eos: int, pad: int) -> torch.Tensor:
-    """(B, n <= max_new_tokens) greedy tokens with a KV cache; after a row's EOS it gets `pad`."""
+def greedy_tokens(model: "SeedXModel", batch: dict, max_new_tokens: int, eos: int, pad: int,
+                  weights: Sequence[Callable[[], AbstractContextManager]] = (nullcontext,),
+                  pick: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, n <= max_new_tokens) greedy tokens with a KV cache; after a row's EOS it gets `pad`.
+
+    `weights`: one context per variant of the model's weights (e.g. LAE's online and offline copies), each
+    decoded with its own KV cache on the same tokens; `pick` turns their last-position logits into the next
+    token (default: the argmax of the single variant's logits).
+    """
     attention_mask = batch["attention_mask"].long()
     _require_left_padding(attention_mask)
-    embeds, _ = model.embed_inputs(batch)
     positions = position_ids_from_mask(attention_mask)
-    out = model.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1)
-    cache, next_position = out.past_key_values, positions[:, -1:] + 1
+    outs = []
+    for variant in weights:
+        with variant():
+            embeds, _ = model.embed_inputs(batch)
+            outs.append(model.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                                  use_cache=True, logits_to_keep=1))
+    caches, next_position = [o.past_key_values for o in outs], positions[:, -1:] + 1
     batch_size = attention_mask.shape[0]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=attention_mask.device)
     generated = []
     for step in range(max_new_tokens):
-        next_token = out.logits[:, -1].argmax(dim=-1)
+        logits = [o.logits[:, -1] for o in outs]
+        next_token = logits[0].argmax(dim=-1) if pick is None else pick(logits)
         next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
         generated.append(next_token)
         finished |= next_token == eos
@@ -70,9 +88,13 @@ def greedy_tokens(model: "SeedXModel", batch: dict, max_new_tokens: int, eos: in
         if step + 1 == max_new_tokens or bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
-        out = model.llm(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, next_position = out.past_key_values, next_position + 1
+        for i, variant in enumerate(weights):
+            with variant():
+                outs[i] = model.llm(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask,
+                                    position_ids=next_position, past_key_values=caches[i], use_cache=True,
+                                    logits_to_keep=1)
+            caches[i] = outs[i].past_key_values
+        next_position = next_position + 1
     if not generated:
         return attention_mask.new_zeros(batch_size, 0)
     return torch.stack(generated, dim=1)
