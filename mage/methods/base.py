@@ -65,6 +65,19 @@ def decay_split(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> l
     return groups
 
 
+@torch.no_grad()
+def copy_state_(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], mismatch: str,
+                ignore: frozenset[str] = frozenset()) -> None:
+    """Copy ``state[k]`` into every target tensor once the keys match exactly (``ignore``: keys the caller
+    restores itself); ``mismatch`` starts the error that names the missing and unexpected keys."""
+    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets) - ignore)
+    if missing or unexpected:
+        raise ValueError(f"{mismatch}: missing {missing[:3]}, unexpected {unexpected[:3]} (was the checkpoint "
+                         f"written by another method/config?)")
+    for k, t in targets.items():
+        t.copy_(state[k])
+
+
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
     """Sum same-dtype tensors over ranks in one collective (no-op when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from mage.lora import iter_multi_lora
-from mage.methods.base import GradGetter, lora_group_params
+from mage.methods.base import GradGetter, copy_state_, lora_group_params
 from mage.methods.finetune import SequentialLoRA
 
 FALLBACK_ALPHA = 0.01
@@ -104,9 +104,4 @@ class CIA(SequentialLoRA):
             self._start_averaging()
         targets = {f"ema.{n}": t for n, t in self.ema.items()}
         targets.update({f"g_prev.{n}": t for n, t in self.g_prev.items()})
-        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets) - {"tasks_done"})
-        if missing or unexpected:
-            raise ValueError(f"CIA state does not match this task: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]} (was the checkpoint written by another method/config?)")
-        for k, t in targets.items():
-            t.copy_(state[k])
+        copy_state_(targets, state, "CIA state does not match this task", ignore=frozenset({"tasks_done"}))

@@ -22,7 +22,7 @@ import torch
 from mage import pema
 from mage.lora import set_example_scale
 from mage.ops import pema_update_multi_
-from mage.methods.base import GradGetter, all_reduce_fisher_, lora_group_params
+from mage.methods.base import GradGetter, all_reduce_fisher_, copy_state_, lora_group_params
 from mage.methods.finetune import GroupMasked
 
 
@@ -169,9 +169,4 @@ class MAGE(GroupMasked):
         targets.update({f"task_fisher.{n}": t for n, t in self.task_fisher.items()})
         if self.uses_prev:
             targets["task_count"] = self.task_count
-        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-        if missing or unexpected:
-            raise ValueError(f"MAGE state does not match this task's trainable groups: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]} (was the checkpoint written by another method/config?)")
-        for k, t in targets.items():
-            t.copy_(state[k])
+        copy_state_(targets, state, "MAGE state does not match this task's trainable groups")

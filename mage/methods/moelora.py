@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mage.lora import iter_multi_lora
+from mage.methods.base import copy_state_
 from mage.methods.finetune import SequentialLoRA
 
 
@@ -54,9 +55,4 @@ class MoELoRA(SequentialLoRA):
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         targets = {f"router.{n}": p for n, p in self.router_parameters()}
-        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-        if missing or unexpected:
-            raise ValueError(f"MoELoRA state does not match this model's routers: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]} (was the checkpoint written by another method/config?)")
-        for k, p in targets.items():
-            p.copy_(state[k])
+        copy_state_(targets, state, "MoELoRA state does not match this model's routers")
