@@ -4,13 +4,17 @@
     python benchmarks/continual_table.py --methods lora,mage:fisher --seeds 1,2,3,4,5 --jobs 2
     python benchmarks/continual_table.py --methods mage --orders default,reverse,alphabetical
     python benchmarks/continual_table.py --set optim.lr=1e-3 --name lr1e-3  # a variant, kept apart
+    python benchmarks/continual_table.py --preset paper --name paper       # the paper's Table 1 methods
+    python benchmarks/continual_table.py --preset orders --name orders     # mage in the three task orders
+    python benchmarks/continual_table.py --preset paper --seeds 1 --jobs 2 # a preset; --methods/--orders still win
 
 Every (method, seed, order) is one `python train.py` run in its own folder under --runs-dir, started
 with one thread (OMP_NUM_THREADS=1), --jobs at a time. A finished run is never redone; an interrupted
 one resumes from its checkpoints when the command is run again. After each run the results are
 rewritten from every finished run: benchmarks/results/continual_<name>.csv (one row per run: metrics,
 the diagonal and the final row, zero-shot row, minutes, commit, machine), .md (mean +- std over seeds,
-the layout of the paper's Table 1) and .png (Avg.ACC per method, the final row per task).
+in the layouts of the paper's Tables 1, 2 (error types), 4 (ablations) and 5 (task orders), each written
+when its rows are there) and .png (Avg.ACC per method, the final row per task).
 
 A method is `NAME` or `NAME:PEMA_MODE` (for mage), e.g. `mage:fisher`.
 """
@@ -40,6 +44,17 @@ METRIC_LABELS = {"avg_acc": "Avg.ACC", "forgetting": "Forgetting", "forgetting_m
                  "new_acc": "New.ACC", "bwt": "BWT", "fwt": "FWT", "avg_hal": "Avg.HAL", "avg_iuf": "Avg.IUF",
                  "avg_oth": "Avg.OTH"}
 TITLES = {t.name: t.title for t in TASKS}
+
+# --preset: method and order lists of the paper's tables; an explicit --methods / --orders wins.
+PRESETS = {
+    "paper": {"methods": "zero_shot,joint,lora,ew,ew_ga,mage,moelora,lae,ewc,pgp,cia,reglora"},
+    "orders": {"methods": "mage", "orders": "default,reverse,alphabetical"},
+}
+# Which method names (before any ":MODE") each paper table compares.
+ERROR_TABLE_METHODS = ("lora", "moelora", "mage")
+ABLATION_METHODS = ("ew", "ew_ga", "mage")
+ERROR_METRICS = ("avg_hal", "avg_iuf", "avg_oth")
+SUMMARY_METRICS = ("avg_acc", "forgetting", "new_acc")
 
 
 def parse_method(spec: str) -> tuple[str, list[str]]:
@@ -117,8 +132,9 @@ def collect(runs: Path, methods: list[str], orders: list[str], seeds: list[int])
     return rows
 
 
-def mean_std(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None]
+def mean_std(values: list) -> str:
+    # None (a metric a run does not define, e.g. joint's Forgetting) and "n/a" strings are skipped.
+    vals = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not vals:
         return "n/a"
     if len(vals) == 1:
@@ -137,6 +153,94 @@ def write_csv(path: Path, rows: list[dict], commit: str, machine: str) -> None:
             w.writerow({**r, "commit": r.get("commit", commit), "machine": r.get("machine", machine)})
 
 
+def table_head(columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def stats_row(cells: list[str], rs: list[dict], keys: tuple[str, ...]) -> str:
+    """A Markdown row: the leading cells, then mean +- std over the runs `rs` of each metric in `keys`."""
+    return "| " + " | ".join([*cells, *(mean_std([r.get(k) for r in rs]) for k in keys)]) + " |"
+
+
+def seeds_of(rs: list[dict]) -> str:
+    return ",".join(str(r["seed"]) for r in rs)
+
+
+def runs_by_method(rows: list[dict], methods: list[str], order: str, names: tuple[str, ...] | None = None) -> dict:
+    """method -> its finished runs in `order`, in the order of `methods`; only methods with runs (and, when
+    `names` is given, only specs whose method name is one of them: "mage:fisher" counts as "mage")."""
+    group = {m: [r for r in rows if r["method"] == m and r["order"] == order] for m in methods
+             if names is None or parse_method(m)[0] in names}
+    return {m: rs for m, rs in group.items() if rs}
+
+
+def order_section(rows: list[dict], methods: list[str], order: str) -> list[str]:
+    """Every method in one order: the metrics, then per task zero-shot / after its task / after the last task."""
+    tasks = list(task_order(order))
+    group = runs_by_method(rows, methods, order)
+    if not group:
+        return []
+    title = "Table 1: every method, default order" if order == "default" else f"Order: {order}"
+    lines = [f"## {title}", "", *table_head(["method", "seeds", *(METRIC_LABELS[k] for k in METRICS)])]
+    lines += [stats_row([m, seeds_of(rs)], rs, METRICS) for m, rs in group.items()]
+    lines += ["", "Per task (the paper's Table 1 layout): zero-shot, right after training the task (diagonal), and "
+              "after the last task.", "", *table_head(["method", "row", *(TITLES[t] for t in tasks), "mean"])]
+    for m, rs in group.items():
+        for kind, label in (("zero", "zero-shot"), ("diag", "after its task"), ("final", "after the last task")):
+            cells = [mean_std([r[f"{kind}_{t}"] for r in rs]) for t in tasks]
+            means = [statistics.mean(r[f"{kind}_{t}"] for t in tasks) for r in rs
+                     if all(r[f"{kind}_{t}"] is not None for t in tasks)]
+            lines.append(f"| {m} | {label} | " + " | ".join(cells) + f" | {mean_std(means)} |")
+    return lines + [""]
+
+
+def error_section(rows: list[dict], methods: list[str]) -> list[str]:
+    """Table 2: forgetting split by error type, for LoRA, MoELoRA and MAGE, default order."""
+    group = runs_by_method(rows, methods, "default", ERROR_TABLE_METHODS)
+    if not group:
+        return []
+    # The definition mage.eval.metrics.error_type_forgetting computes, with the labels of mage.eval.scorers.
+    lines = ["## Table 2: error types of forgetting", "",
+             "Avg.X is the share (%) of an earlier task's test examples (every task but the last) that are errors "
+             "of type X after the last task but were not errors of type X right after their own task, averaged "
+             "over those tasks. HAL: a well-formed wrong answer (for VQAv2 and ImageNet one of the test set's "
+             "answers, for RefCOCO a valid box), or an image scoring below eval.image_label_threshold; IUF: an "
+             "answer that does not follow the task's format (empty, too long, outside the answer set, an image "
+             "token or a box in a text answer, an invalid box) or no image; OTH: an example that cannot be judged "
+             "(an unparseable reference box, a non-finite image score). Default order.", "",
+             *table_head(["method", "seeds", *(METRIC_LABELS[k] for k in ERROR_METRICS)])]
+    lines += [stats_row([m, seeds_of(rs)], rs, ERROR_METRICS) for m, rs in group.items()]
+    return lines + [""]
+
+
+def ablation_section(rows: list[dict], methods: list[str]) -> list[str]:
+    """Table 4: EW, EW+GA and MAGE, default order; written only when an ablation (ew or ew_ga) has runs."""
+    group = runs_by_method(rows, methods, "default", ABLATION_METHODS)
+    if not any(parse_method(m)[0] != "mage" for m in group):
+        return []
+    lines = ["## Table 4: ablations", "",
+             "ew = all four LoRA groups trained, weights averaged equally; ew_ga = only the task's modality groups "
+             "trained (group assignment), equal weights; mage = group assignment + PEMA. Default order.", "",
+             *table_head(["method", "seeds", *(METRIC_LABELS[k] for k in SUMMARY_METRICS)])]
+    lines += [stats_row([m, seeds_of(rs)], rs, SUMMARY_METRICS) for m, rs in group.items()]
+    return lines + [""]
+
+
+def orders_section(rows: list[dict], methods: list[str], orders: list[str]) -> list[str]:
+    """Table 5: every method with runs in more than one task order, one row per order."""
+    per_method = {m: {o: rs for o in orders if (rs := runs_by_method(rows, [m], o).get(m))} for m in methods}
+    per_method = {m: by_order for m, by_order in per_method.items() if len(by_order) > 1}
+    if not per_method:
+        return []
+    lines = ["## Table 5: task orders", "",
+             *table_head(["method", "order", "tasks", "seeds", *(METRIC_LABELS[k] for k in SUMMARY_METRICS)])]
+    for m, by_order in per_method.items():
+        for o, rs in by_order.items():
+            sequence = " → ".join(TITLES[t] for t in task_order(o))
+            lines.append(stats_row([m, o, sequence, seeds_of(rs)], rs, SUMMARY_METRICS))
+    return lines + [""]
+
+
 def write_markdown(path: Path, rows: list[dict], methods: list[str], orders: list[str], command: str,
                    commit: str, machine: str) -> None:
     lines = [f"# Continual-NExT-mini: {', '.join(methods)}", "",
@@ -145,26 +249,8 @@ def write_markdown(path: Path, rows: list[dict], methods: list[str], orders: lis
              "Scores in percent; mean ± std over the seeds listed (sample std). Image tasks (Flickr30k, HQEdit) use "
              "the tiny model's stand-in score (centred feature cosine x 100), not CLIP.", ""]
     for order in orders:
-        tasks = list(task_order(order))
-        group = {m: [r for r in rows if r["method"] == m and r["order"] == order] for m in methods}
-        group = {m: rs for m, rs in group.items() if rs}
-        if not group:
-            continue
-        lines += [f"## Order: {order}", "", "| method | seeds | " + " | ".join(METRIC_LABELS[k] for k in METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
-        for m, rs in group.items():
-            lines.append(f"| {m} | {','.join(str(r['seed']) for r in rs)} | " +
-                         " | ".join(mean_std([r[k] for r in rs]) for k in METRICS) + " |")
-        head = "| method | row | " + " | ".join(TITLES[t] for t in tasks) + " | mean |"
-        lines += ["", "Per task (the paper's Table 1 layout): zero-shot, right after training the task (diagonal), and "
-                  "after the last task.", "", head, "|---|---|" + "---|" * (len(tasks) + 1)]
-        for m, rs in group.items():
-            for kind, label in (("zero", "zero-shot"), ("diag", "after its task"), ("final", "after the last task")):
-                cells = [mean_std([r[f"{kind}_{t}"] for r in rs]) for t in tasks]
-                means = [statistics.mean(r[f"{kind}_{t}"] for t in tasks) for r in rs
-                         if all(r[f"{kind}_{t}"] is not None for t in tasks)]
-                lines.append(f"| {m} | {label} | " + " | ".join(cells) + f" | {mean_std(means)} |")
-        lines.append("")
+        lines += order_section(rows, methods, order)
+    lines += error_section(rows, methods) + ablation_section(rows, methods) + orders_section(rows, methods, orders)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -215,20 +301,30 @@ def machine_name() -> str:
     return f"{os.cpu_count()}-core {cpu}, 1 thread per run"
 
 
+def resolve_lists(preset: str | None, methods: str | None, orders: str | None) -> tuple[list[str], list[str]]:
+    """Method and order lists from --preset, --methods and --orders (an explicit flag beats the preset)."""
+    chosen = PRESETS[preset] if preset else {}
+    methods = methods or chosen.get("methods", DEFAULT_METHODS)
+    orders = orders or chosen.get("orders", "default")
+    return [m.strip() for m in methods.split(",") if m.strip()], [o.strip() for o in orders.split(",") if o.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    p.add_argument("--methods", default=None, help=f"comma-separated (default {DEFAULT_METHODS}, or the preset's)")
     p.add_argument("--seeds", default="1,2,3", help="train.seed values (default 1,2,3)")
-    p.add_argument("--orders", default="default", help="task orders: default, reverse, alphabetical")
+    p.add_argument("--orders", default=None, help="task orders: default, reverse, alphabetical (default: default, "
+                   "or the preset's)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="paper: the paper's Table 1 methods; orders: mage in the three task orders")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs at once (one thread each)")
     p.add_argument("--config", default="mini", help="preset (default mini)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--name", default="mini", help="results are benchmarks/results/continual_<name>.{csv,md,png}")
     p.add_argument("--runs-dir", default=None, help="run folders (default runs/table-<name>)")
     a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    methods, orders = resolve_lists(a.preset, a.methods, a.orders)
     seeds = [int(s) for s in a.seeds.split(",")]
-    orders = [o.strip() for o in a.orders.split(",")]
     runs = Path(a.runs_dir or REPO / "runs" / f"table-{a.name}")
     results = REPO / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)

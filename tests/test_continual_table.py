@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mage.data.tasks import task_order
+from mage.eval.metrics import single_phase_metrics
 from mage.trainer.report import compute_metrics, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,11 +23,14 @@ def table():
     return module
 
 
-def fake_run(folder: Path, offset: float) -> None:
-    tasks = list(task_order("default"))
+def fake_run(folder: Path, offset: float, order: str = "default") -> None:
+    tasks = list(task_order(order))
     rows = [[10.0 * (i == j) + offset + j for i in range(6)] for j in range(6)]
     zero = [1.0] * 6
-    write_reports(folder, tasks, rows, zero, compute_metrics(rows, zero))
+    # every earlier task: right after its own task all correct; after the last one, 1 HAL and 1 IUF out of 4
+    labels = {(i, i): ["correct"] * 4 for i in range(5)}
+    labels |= {(5, i): ["HAL", "IUF", "correct", "correct"] for i in range(5)}
+    write_reports(folder, tasks, rows, zero, compute_metrics(rows, zero, labels))
 
 
 def test_mean_std_and_layout(table, tmp_path):
@@ -48,10 +52,85 @@ def test_mean_std_and_layout(table, tmp_path):
     md = out.with_suffix(".md").read_text()
     avg = [r["avg_acc"] for r in rows]
     assert f"| mage:fisher | 1,2 | {sum(avg) / 2:.2f} ± {abs(avg[0] - avg[1]) / 2 ** 0.5:.2f} |" in md
-    assert "| mage:fisher | after its task |" in md and "lora |" not in md.split("## Order")[1].split("Per task")[0]
+    table1 = md.split("## Table 1: every method, default order")[1]
+    assert "| mage:fisher | after its task |" in md and "lora |" not in table1.split("Per task")[0]
     assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_method_spec_parsing(table):
     assert table.parse_method("mage:paper") == ("mage", ["--method.pema_mode", "paper"])
     assert table.parse_method("lora") == ("lora", [])
+
+
+def fake_joint_run(folder: Path) -> None:
+    """A single-row run (joint): Forgetting and the error types are None."""
+    row = [20.0 + i for i in range(6)]
+    write_reports(folder, list(task_order("default")), [row], [1.0] * 6, single_phase_metrics(row),
+                  row_labels=["joint"])
+
+
+def paper_markdown(table, tmp_path, methods, orders, runs_wanted) -> str:
+    runs = tmp_path / "runs"
+    for method, order in runs_wanted:
+        for seed, offset in ((1, 0.0), (2, 1.0)):
+            if method == "joint":
+                fake_joint_run(table.run_dir(runs, method, order, seed))
+            else:
+                fake_run(table.run_dir(runs, method, order, seed), offset, order)
+    rows = table.collect(runs, methods, orders, [1, 2])
+    path = tmp_path / "t.md"
+    table.write_markdown(path, rows, methods, orders, "cmd", "abc", "m")
+    return path.read_text()
+
+
+def section(md: str, title: str) -> str:
+    """The text of one `## title` section (empty if absent)."""
+    parts = md.split(f"## {title}")
+    return parts[1].split("\n## ")[0] if len(parts) > 1 else ""
+
+
+def table_methods(text: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_paper_tables(table, tmp_path):
+    methods = ["joint", "lora", "ew", "ew_ga", "mage", "moelora"]
+    wanted = [(m, "default") for m in methods] + [("mage", "reverse")]
+    md = paper_markdown(table, tmp_path, methods, ["default", "reverse"], wanted)
+    t1 = section(md, "Table 1: every method, default order")
+    assert table_methods(t1.split("Per task")[0]) == methods
+    assert "| joint | 1,2 | 22.50 ± 0.00 | n/a |" in t1  # no forgetting for a single-row method
+    assert "## Order: reverse" in md
+    t2 = section(md, "Table 2: error types of forgetting")
+    assert table_methods(t2) == ["lora", "mage", "moelora"] and "Avg.HAL | Avg.IUF | Avg.OTH" in t2
+    assert "were not errors of type X right after their own task" in t2
+    assert "| lora | 1,2 | 25.00 ± 0.00 | 25.00 ± 0.00 | 0.00 ± 0.00 |" in t2
+    t4 = section(md, "Table 4: ablations")
+    assert table_methods(t4) == ["ew", "ew_ga", "mage"] and "Avg.ACC | Forgetting | New.ACC |" in t4
+    t5 = section(md, "Table 5: task orders")
+    assert table_methods(t5) == ["mage", "mage"]
+    assert "| mage | reverse | HQEdit → RefCOCO → OCRVQA → Flickr30k → ImageNet → VQAv2 | 1,2 |" in t5
+    assert "| mage | default | VQAv2 → ImageNet" in t5
+
+
+def test_paper_tables_absent_without_their_rows(table, tmp_path):
+    # joint and ew_ga only, one order: no error-type table, no order table; Table 4 still has ew_ga
+    md = paper_markdown(table, tmp_path, ["joint", "ew_ga"], ["default"], [("joint", "default"), ("ew_ga", "default")])
+    assert "## Table 1: every method, default order" in md and "## Table 4: ablations" in md
+    assert "## Table 2" not in md and "## Table 5" not in md
+    # mage alone: Table 2 yes, Table 4 needs an ablation (ew or ew_ga), so no
+    md = paper_markdown(table, tmp_path / "b", ["mage:fisher"], ["default"], [("mage:fisher", "default")])
+    assert table_methods(section(md, "Table 2: error types of forgetting")) == ["mage:fisher"]
+    assert "## Table 4" not in md and "## Table 5" not in md
+    # reverse order only: no default-order tables at all
+    md = paper_markdown(table, tmp_path / "c", ["lora"], ["reverse"], [("lora", "reverse")])
+    assert "## Order: reverse" in md and "## Table" not in md
+
+
+def test_preset_parsing(table):
+    paper = "zero_shot,joint,lora,ew,ew_ga,mage,moelora,lae,ewc,pgp,cia,reglora".split(",")
+    assert table.resolve_lists(None, None, None) == (table.DEFAULT_METHODS.split(","), ["default"])
+    assert table.resolve_lists("paper", None, None) == (paper, ["default"])
+    assert table.resolve_lists("orders", None, None) == (["mage"], ["default", "reverse", "alphabetical"])
+    assert table.resolve_lists("orders", "lora, ew", None) == (["lora", "ew"], ["default", "reverse", "alphabetical"])
+    assert table.resolve_lists("paper", None, "reverse") == (paper, ["reverse"])
