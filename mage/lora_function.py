@@ -55,10 +55,12 @@ class MultiLoRALinearEager(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_rows, fisher_A, fisher_B,
                 example_scale, cu_seqlens):
-        x_lora = x * dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else x
+        # The mask is kept for backward rather than drawn again: on CPU the draw costs more than the matmuls.
+        keep = dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else None
+        x_lora = x * keep if keep is not None else x
         h = x_lora @ lora_A.t()
         y = F.linear(x, weight, bias) + scaling * (h @ lora_B.t())
-        ctx.save_for_backward(x_lora, h, weight, lora_A, lora_B, grad_rows, example_scale, cu_seqlens)
+        ctx.save_for_backward(x_lora, h, weight, lora_A, lora_B, grad_rows, example_scale, cu_seqlens, keep)
         # Accumulators are written by backward, so they ride on ctx rather than in saved tensors (whose
         # version check would fail when one module runs twice before its backward).
         ctx.fisher_A, ctx.fisher_B = fisher_A, fisher_B
@@ -69,20 +71,29 @@ class MultiLoRALinearEager(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x_lora, h, weight, lora_A, lora_B, grad_rows, c, cu = ctx.saved_tensors
+        x_lora, h, weight, lora_A, lora_B, grad_rows, c, cu, keep = ctx.saved_tensors
         fisher_A, fisher_B = ctx.fisher_A, ctx.fisher_B
         s = ctx.scaling
         dh = dy @ lora_B  # (..., R): gradient w.r.t. h / s
         dx = None
         if ctx.needs_input_grad[0]:
             dx_lora = s * (dh @ lora_A)
-            if ctx.dropout_p > 0:
-                dx_lora = dx_lora * dropout_mask(dy.shape[:-1] + (lora_A.shape[1],), ctx.dropout_p, ctx.seed,
-                                                 dy.device, dy.dtype)
+            if keep is not None:
+                dx_lora = dx_lora * keep
             dx = dy @ weight + dx_lora
         dA = dB = None
         wants_A, wants_B = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if (wants_A or wants_B) and grad_rows.numel() > 0:
+        if (wants_A or wants_B) and grad_rows.numel() > 0 and fisher_A is None:
+            # No Fisher: the batch gradient sum_n G_n is one matmul over all tokens.
+            acc = torch.promote_types(dy.dtype, torch.float32)
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]).to(acc), x_lora.reshape(-1, x_lora.shape[-1]).to(acc)
+            if wants_A:
+                dA = torch.zeros_like(lora_A)
+                dA[grad_rows] = (s * (dh.reshape(-1, dh.shape[-1]).to(acc)[:, grad_rows].t() @ x2)).to(lora_A.dtype)
+            if wants_B:
+                dB = torch.zeros_like(lora_B)
+                dB[:, grad_rows] = (s * (dy2.t() @ h.reshape(-1, h.shape[-1]).to(acc)[:, grad_rows])).to(lora_B.dtype)
+        elif (wants_A or wants_B) and grad_rows.numel() > 0:
             # Per-example gradients, at least float32: G_B,n = s sum_t dy_t h_t^T, G_A,n = s sum_t dh_t x_t^T.
             acc = torch.promote_types(dy.dtype, torch.float32)
             dy3 = as_examples(dy, cu).to(acc)

@@ -38,10 +38,22 @@ class TaskDataset(Dataset):
     the same example always gets the same one) supervised before `<img>`.
     """
 
-    def __init__(self, records: list[Record], image_cfg: ImageConfig, polite_reply: bool = False):
+    def __init__(self, records: list[Record], image_cfg: ImageConfig, polite_reply: bool = False,
+                 cache_images: bool = False):
         self.records = list(records)
         self.image_cfg = image_cfg
         self.polite_reply = polite_reply
+        # Decoded, transformed images by record index: a small benchmark trains many epochs on the same few
+        # hundred images, and decoding them again every epoch costs as much as a LoRA step on CPU.
+        self._images: dict[int, tuple] | None = {} if cache_images else None
+
+    def _load_images(self, r: Record) -> tuple:
+        views = positions = target = None
+        if r.image is not None:
+            views, positions = image_views(load_image(r.image), self.image_cfg)
+        if r.target_image is not None:
+            target = target_view(load_image(r.target_image), self.image_cfg)
+        return views, positions, target
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,11 +61,12 @@ class TaskDataset(Dataset):
     def __getitem__(self, i: int) -> Example:
         r = self.records[i]
         spec = get_task(r.task)
-        views = positions = target = None
-        if r.image is not None:
-            views, positions = image_views(load_image(r.image), self.image_cfg)
-        if r.target_image is not None:
-            target = target_view(load_image(r.target_image), self.image_cfg)
+        if self._images is None:
+            views, positions, target = self._load_images(r)
+        else:
+            if i not in self._images:
+                self._images[i] = self._load_images(r)
+            views, positions, target = self._images[i]
         output_image = spec.output == "image"
         reply = polite_reply_for(r.example_id) if (self.polite_reply and output_image) else ""
         return Example(task_id=task_index(spec.name), example_id=r.example_id, turns=list(r.turns),
@@ -132,13 +145,14 @@ class ResumableLoader:
 def build_dataloader(records: list[Record], tokenizer, image_cfg: ImageConfig, batch_size: int, seed: int = 0,
                      mode: str = "train", shuffle: bool | None = None, rank: int = 0, world_size: int = 1,
                      num_workers: int = 0, max_length: int | None = None, polite_reply: bool = False,
-                     force_image: bool = True) -> ResumableLoader:
+                     force_image: bool = True, cache_images: bool = False) -> ResumableLoader:
     """Loader of collated batches over records. Training shuffles by default; "generate" keeps file order.
-    `polite_reply`: see TaskDataset; `force_image`: see mage.data.collate.collate."""
+    `polite_reply`, `cache_images`: see TaskDataset; `force_image`: see mage.data.collate.collate."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     shuffle = (mode == "train") if shuffle is None else shuffle
     sampler = ResumableSampler(len(records), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
     fn = partial(collate, tokenizer=tokenizer, image_cfg=image_cfg, mode=mode, max_length=max_length,
                  force_image=force_image)
-    return ResumableLoader(TaskDataset(records, image_cfg, polite_reply), sampler, batch_size, fn, num_workers)
+    return ResumableLoader(TaskDataset(records, image_cfg, polite_reply, cache_images), sampler, batch_size, fn,
+                           num_workers)

@@ -61,6 +61,7 @@ class DataConfig:
     generation_prompt: str = "Please generate the image. {caption}"  # Flickr30k test prompt (caption-only text)
     per_task_grids: bool = False        # Flickr30k and HQEdit inputs use the 1x1 grid only (SEED-X)
     polite_reply: bool = False          # image answers supervise a short polite reply before <img>
+    cache_images: bool = False          # keep decoded training images in memory (mini: ~100 MB a task; not for real data)
     # Leading tasks already trained in model.init_from (the paper's common VQAv2 start): evaluated, not retrained.
     pretrained_tasks: tuple[str, ...] = ()
 

@@ -110,7 +110,8 @@ class TrainStream:
         self.loader = build_dataloader(records, model.tokenizer, image_config(model, tasks[0].name, per_task_grids),
                                        batch_size, seed=seed * 1000 + offset, mode="train", rank=rank,
                                        world_size=world_size, num_workers=num_workers,
-                                       polite_reply=bool(data_cfg is not None and data_cfg.polite_reply))
+                                       polite_reply=bool(data_cfg is not None and data_cfg.polite_reply),
+                                       cache_images=bool(data_cfg is not None and data_cfg.cache_images))
         self._it = None
 
     def _first_of_new_epoch(self) -> dict:
