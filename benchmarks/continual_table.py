@@ -219,8 +219,9 @@ def ablation_section(rows: list[dict], methods: list[str]) -> list[str]:
     if not any(parse_method(m)[0] != "mage" for m in group):
         return []
     lines = ["## Table 4: ablations", "",
-             "ew = all four LoRA groups trained, weights averaged equally; ew_ga = only the task's modality groups "
-             "trained (group assignment), equal weights; mage = group assignment + PEMA. Default order.", "",
+             "ew = MoELoRA's four rank-8 experts summed with equal weight instead of routed, all trained on every "
+             "task (the same computation as lora, so its rows equal lora's); ew_ga = each task trains only the "
+             "groups of its modalities (group assignment); mage = ew_ga + PEMA. Default order.", "",
              *table_head(["method", "seeds", *(METRIC_LABELS[k] for k in SUMMARY_METRICS)])]
     lines += [stats_row([m, seeds_of(rs)], rs, SUMMARY_METRICS) for m, rs in group.items()]
     return lines + [""]

@@ -8,7 +8,7 @@ loss' gradient (the step's gradient minus the penalty's), both over all LoRA par
 the median over steps of their ratio. EWC only does something when that ratio is of order 1; far below it,
 EWC trains like plain LoRA. Rows go to benchmarks/results/ewc_lambda.csv.
 
-    python benchmarks/ewc_lambda_sweep.py                                   # lambdas 5e3 .. 5e7, 3 tasks, 500 steps
+    python benchmarks/ewc_lambda_sweep.py                                   # lambdas 5e3 .. 5e7, 3 tasks, the preset's steps
     python benchmarks/ewc_lambda_sweep.py --lambdas 1e6,1e7 --tasks 2 --steps 20 --set eval.max_examples=8
 """
 from __future__ import annotations
