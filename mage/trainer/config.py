@@ -87,7 +87,7 @@ class MethodConfig:
     train_embeddings: bool = True       # within those: token embeddings and lm_head (docs/TRAINING.md)
     pema_horizon: float = 0.0           # > 0: fixed/fisher beta = 1 - 1/(horizon * steps_per_task); 0: fixed_beta
     # Baselines (docs/METHOD.md section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
-    ewc_lambda: float = 5e5             # weight of (lambda/2) * sum F (theta - theta*)^2; docs/TRAINING.md "EWC's λ"
+    ewc_lambda: float = 5e4             # weight of (lambda/2) * sum F (theta - theta*)^2; docs/TRAINING.md "EWC's λ"
     ewc_samples: int = 200              # examples of the finished task for its Fisher (whole micro-batches)
     ewc_online: bool = False            # False: last task's Fisher (the references); True: sum over tasks
     pgp_samples: int = 200              # examples of the finished task whose activations grow the bases
