@@ -81,40 +81,34 @@ class MultiLoRALinearEager(torch.autograd.Function):
             if keep is not None:
                 dx_lora = dx_lora * keep
             dx = dy @ weight + dx_lora
-        dA = dB = None
         wants_A, wants_B = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if (wants_A or wants_B) and grad_rows.numel() > 0 and fisher_A is None:
-            # No Fisher: the batch gradient sum_n G_n is one matmul over all tokens.
-            acc = torch.promote_types(dy.dtype, torch.float32)
-            dy2, x2 = dy.reshape(-1, dy.shape[-1]).to(acc), x_lora.reshape(-1, x_lora.shape[-1]).to(acc)
-            if wants_A:
-                dA = torch.zeros_like(lora_A)
-                dA[grad_rows] = (s * (dh.reshape(-1, dh.shape[-1]).to(acc)[:, grad_rows].t() @ x2)).to(lora_A.dtype)
-            if wants_B:
-                dB = torch.zeros_like(lora_B)
-                dB[:, grad_rows] = (s * (dy2.t() @ h.reshape(-1, h.shape[-1]).to(acc)[:, grad_rows])).to(lora_B.dtype)
-        elif (wants_A or wants_B) and grad_rows.numel() > 0:
-            # Per-example gradients, at least float32: G_B,n = s sum_t dy_t h_t^T, G_A,n = s sum_t dh_t x_t^T.
-            acc = torch.promote_types(dy.dtype, torch.float32)
-            dy3 = as_examples(dy, cu).to(acc)
-            h3 = as_examples(h, cu).to(acc)[..., grad_rows]
-            dh3 = as_examples(dh, cu).to(acc)[..., grad_rows]
-            x3 = as_examples(x_lora, cu).to(acc)
-            gB_n = s * torch.einsum("bto,btr->bor", dy3, h3)
-            gA_n = s * torch.einsum("btr,bti->bri", dh3, x3)
-            if fisher_A is not None:
+        dA = torch.zeros_like(lora_A) if wants_A else None
+        dB = torch.zeros_like(lora_B) if wants_B else None
+        if (wants_A or wants_B) and grad_rows.numel() > 0:
+            acc = torch.promote_types(dy.dtype, torch.float32)  # gradients in at least float32
+            if fisher_A is None:
+                # No Fisher: the batch gradient sum_n G_n is one matmul over all tokens.
+                def flat(t: torch.Tensor) -> torch.Tensor:
+                    return t.reshape(-1, t.shape[-1]).to(acc)
+
+                gA = s * (flat(dh)[:, grad_rows].t() @ flat(x_lora)) if wants_A else None
+                gB = s * (flat(dy).t() @ flat(h)[:, grad_rows]) if wants_B else None
+            else:
+                # Per-example gradients G_B,n = s sum_t dy_t h_t^T, G_A,n = s sum_t dh_t x_t^T, for the Fisher.
+                dy3 = as_examples(dy, cu).to(acc)
+                h3 = as_examples(h, cu).to(acc)[..., grad_rows]
+                dh3 = as_examples(dh, cu).to(acc)[..., grad_rows]
+                x3 = as_examples(x_lora, cu).to(acc)
+                gB_n = s * torch.einsum("bto,btr->bor", dy3, h3)
+                gA_n = s * torch.einsum("btr,bti->bri", dh3, x3)
                 c2 = torch.ones(gA_n.shape[0], device=dy.device, dtype=acc) if c is None else c.to(acc).square()
                 fisher_A.index_add_(0, grad_rows, torch.einsum("b,bri->ri", c2, gA_n.square()).float())
                 fisher_B.index_add_(1, grad_rows, torch.einsum("b,bor->or", c2, gB_n.square()).float())
+                gA, gB = gA_n.sum(0), gB_n.sum(0)
             if wants_A:
-                dA = torch.zeros_like(lora_A)
-                dA[grad_rows] = gA_n.sum(0).to(lora_A.dtype)
+                dA[grad_rows] = gA.to(lora_A.dtype)
             if wants_B:
-                dB = torch.zeros_like(lora_B)
-                dB[:, grad_rows] = gB_n.sum(0).to(lora_B.dtype)
-        elif wants_A or wants_B:
-            dA = torch.zeros_like(lora_A) if wants_A else None
-            dB = torch.zeros_like(lora_B) if wants_B else None
+                dB[:, grad_rows] = gB.to(lora_B.dtype)
         return dx, None, None, dA, dB, None, None, None, None, None, None, None, None
 
 
