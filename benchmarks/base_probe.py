@@ -9,6 +9,10 @@ colour and shape, the object class, the digits, the text colour) from (a) the Vi
 input resampler's tokens, flattened, and (c) the mean of the resampler's tokens (what content-based attention
 can read without knowing a token's place). Accuracy is on held-out images; for the cells, over non-empty
 cells only. A label the ViT holds and the resampler loses cannot reach the LLM.
+
+It also measures whether the image tokens are local: on images of one shape, how often the token that
+changes most from the empty image is the token over the shape's centre (chance: 1 in 64 for the ViT's
+tokens, 1 in 16 for the resampler's).
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's mage, not an installed one
 
+from mage.data import vocab  # noqa: E402
 from mage.data.images import to_tensor  # noqa: E402
+from mage.data.mini import position_xy, render_objects  # noqa: E402
 from mage.data.pretrain_mix import VISION_HEADS, vision_example  # noqa: E402
 from mage.model.build import build_model  # noqa: E402
 from mage.model.pretrain import load_base_, resolve_base  # noqa: E402
@@ -64,6 +70,26 @@ def image_tokens(model, n: int, seed: int = 0, batch: int = 500) -> tuple[torch.
     return torch.cat(vit), torch.cat(res), [lab for _, lab in examples]
 
 
+@torch.no_grad()
+def token_locality(encoders: dict, size: int, n: int = 200, seed: int = 0) -> dict[str, float]:
+    """Percent of n one-shape images whose most-changed token (against the empty image) lies over the
+    shape's centre, for each encoder {name: images (N, 3, size, size) -> tokens (N, L, C), L square}."""
+    rng = random.Random(f"locality-{seed}")
+    shapes = [(rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)),
+               *position_xy(rng, size, rng.choice(vocab.CELL_NAMES)), size // 8) for _ in range(n)]
+    images = torch.stack([to_tensor(render_objects([s], size), size) for s in shapes])
+    empty = to_tensor(render_objects([], size), size)[None]
+    out = {}
+    for name, encode in encoders.items():
+        tokens, base = encode(images), encode(empty)
+        grid = int(tokens.shape[1] ** 0.5)
+        changed = (tokens - base).norm(dim=-1).argmax(dim=1)
+        over = torch.tensor([min(grid - 1, y * grid // size) * grid + min(grid - 1, x * grid // size)
+                             for _, _, x, y, _ in shapes])
+        out[name] = 100.0 * (changed == over).float().mean().item()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="", help="a tiny base (.safetensors); default: the mini preset's")
@@ -80,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
                          ("resampler tokens (mean)", res.mean(1, keepdim=True))):
         acc = probe_accuracy(feats, labels, a.train)
         print(label.ljust(28) + "".join(f"{acc[h]:12.1f}" for h in VISION_HEADS), flush=True)
+    local = token_locality({"ViT": model.visual_encoder,
+                            "resampler": lambda x: model.input_resampler(model.visual_encoder(x))},
+                           model.config.vision.image_size)
+    print("tokens that are local (%): " + ", ".join(f"{k} {v:.1f}" for k, v in local.items()))
 
 
 if __name__ == "__main__":

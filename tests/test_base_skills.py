@@ -51,3 +51,17 @@ def test_probe_reads_a_label_that_the_features_hold_and_not_one_they_do_not():
     acc = base_probe.probe_accuracy(feats, labels, n_train=200)
     assert acc["cls"] > 95
     assert acc["text_color"] < 100 / VISION_HEADS["text_color"][1] + 15  # near chance
+
+
+def test_locality_finds_the_token_over_the_shape_and_not_a_global_one():
+    size = 112
+
+    def local(images):  # token k = the mean of its own 28-pixel block: local by construction
+        return torch.nn.functional.avg_pool2d(images, 28).flatten(2).transpose(1, 2)
+
+    def global_(images):  # every token the same image mean, with a fixed per-token offset
+        return images.mean((2, 3))[:, None, :] * torch.linspace(1, 2, 16)[None, :, None]
+
+    got = base_probe.token_locality({"local": local, "global": global_}, size, n=60)
+    assert got["local"] > 90
+    assert got["global"] < 30  # the last token always "changes most": right only for its own cell

@@ -54,6 +54,16 @@ def reference_resampler(r: Resampler, x: torch.Tensor) -> torch.Tensor:
     q = F.layer_norm(r.query, (e,), r.ln_q.weight, r.ln_q.bias, r.ln_q.eps) + r.pos_embed
     wq, wk, wv = r.attn.in_proj_weight.chunk(3)
     bq, bk, bv = r.attn.in_proj_bias.chunk(3)
+    # The tiny model's window: query cell (i, j) of a g x g grid reads key cell (a, b) of the side x side
+    # grid when both centres are within window / g of each other along each axis (fractions of the image).
+    g = math.isqrt(r.num_queries)
+    allowed = torch.ones(r.num_queries, x.shape[1], dtype=torch.bool)
+    if r.window > 0:
+        for qi in range(r.num_queries):
+            for ki in range(x.shape[1]):
+                (i, j), (a, b) = divmod(qi, g), divmod(ki, side)
+                allowed[qi, ki] = (abs((j + 0.5) / g - (b + 0.5) / side) <= r.window / g + 1e-9
+                                   and abs((i + 0.5) / g - (a + 0.5) / side) <= r.window / g + 1e-9)
     outs = []
     for n in range(x.shape[0]):
         Q, K, V = q @ wq.T + bq, (kv[n] + key_pos) @ wk.T + bk, kv[n] @ wv.T + bv
@@ -61,18 +71,23 @@ def reference_resampler(r: Resampler, x: torch.Tensor) -> torch.Tensor:
         heads_out = []
         for h in range(heads):
             s = slice(h * d, (h + 1) * d)
-            attn = torch.softmax(Q[:, s] @ K[:, s].T / math.sqrt(d), dim=-1)
-            heads_out.append(attn @ V[:, s])
-        outs.append(torch.cat(heads_out, dim=-1) @ r.attn.out_proj.weight.T + r.attn.out_proj.bias)
+            scores = (Q[:, s] @ K[:, s].T / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+            heads_out.append(torch.softmax(scores, dim=-1) @ V[:, s])
+        out = torch.cat(heads_out, dim=-1) @ r.attn.out_proj.weight.T + r.attn.out_proj.bias
+        if r.ln_out is not None:
+            out = F.layer_norm(out, (e,), r.ln_out.weight, r.ln_out.bias, r.ln_out.eps)
+        outs.append(out + r.pos_embed if r.output_positions else out)
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("kv_dim,length", [(128, 64), (64, 9), (48, 16)])
-def test_resampler_matches_reference(kv_dim, length):
+@pytest.mark.parametrize("kv_dim,length,tiny", [(128, 64, {}), (64, 9, {}), (48, 16, {}),
+                                                 (48, 64, {"window": 0.5, "output_norm": True, "output_positions": True}),
+                                                 (48, 36, {"window": 1.0})])
+def test_resampler_matches_reference(kv_dim, length, tiny):
     torch.manual_seed(0)
-    r = Resampler(ResamplerConfig(grid_size=4, embed_dim=64, num_heads=4, kv_dim=kv_dim))
-    with torch.no_grad():  # non-trivial norms so ln_q / ln_kv are really exercised
-        for ln in (r.ln_q, r.ln_kv):
+    r = Resampler(ResamplerConfig(grid_size=4, embed_dim=64, num_heads=4, kv_dim=kv_dim, **tiny))
+    with torch.no_grad():  # non-trivial norms so ln_q / ln_kv / ln_out are really exercised
+        for ln in (r.ln_q, r.ln_kv) + ((r.ln_out,) if r.ln_out is not None else ()):
             ln.weight.normal_(1.0, 0.1)
             ln.bias.normal_(0.0, 0.1)
     x = torch.randn(3, length, kv_dim)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mage.data import vocab
 from mage.data.images import ImageConfig
-from mage.data.pretrain_mix import SKILLS, draw_skill, pretrain_examples
+from mage.data.pretrain_mix import REGION_CLASSES, SKILLS, draw_skill, pretrain_examples, region_labels
 from mage.model import build_model
 from mage.model.pretrain import (REPO_ASSETS, PretrainConfig, base_key, file_key, file_name, load_base_, pretrain,
                                  resolve_base)
@@ -36,6 +36,21 @@ def test_every_skill_draws(skill):
     import random
     instruction, answer, image, target = draw_skill(random.Random(0), skill, 112)
     assert instruction and (answer or target is not None)
+
+
+def test_region_labels_name_the_object_over_each_token():
+    # A red circle of radius 14 centred at (20, 90) on a 112-pixel image: on the 4 x 4 grid (28-pixel
+    # cells, centres 14, 42, 70, 98) it covers the centres x = 14 and y = 98 only: row 3, column 0.
+    labels = region_labels([("circle", "red", 20, 90, 14)], 4, 112)
+    circle = 1 + vocab.SHAPES.index("circle")
+    red = 1 + list(vocab.COLORS).index("red")
+    assert [k for k, c in enumerate(labels["color"]) if c] == [12] and labels["color"][12] == red
+    assert labels["shape"][12] == circle and sum(map(bool, labels["shape"])) == 1
+    # On the ViT's 8 x 8 grid (centres 7, 21, ..., 105) it covers x in {7, 21} and y in {77, 91}.
+    on8 = region_labels([("circle", "red", 20, 90, 14)], 8, 112)
+    assert {divmod(k, 8) for k, c in enumerate(on8["color"]) if c} == {(r, c) for r in (5, 6) for c in (0, 1)}
+    assert max(labels["color"]) < REGION_CLASSES["color"] and max(labels["shape"]) < REGION_CLASSES["shape"]
+    assert region_labels([], 4, 112) == {"color": [0] * 16, "shape": [0] * 16}
 
 
 def test_pretrain_is_deterministic_and_loads(tmp_path):

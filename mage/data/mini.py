@@ -112,9 +112,9 @@ def _vqa_turn(rng: random.Random, objs, kind: str, size: int) -> tuple[str, str]
     return q.format(article=vocab.article(c), color=c, shape=sh), "no"
 
 
-def random_scene(rng: random.Random, size: int) -> list[tuple[str, str, int, int, int]]:
-    """1-3 shapes of distinct shape and colour on the 3x3 layout (VQAv2's scenes, and the pretraining's)."""
-    return _scene(rng, size, rng.randint(1, 3), (size // 9, size // 7), size // 48)
+def random_scene(rng: random.Random, size: int, k: int | None = None) -> list[tuple[str, str, int, int, int]]:
+    """k (default 1-3) shapes of distinct shape and colour on the 3x3 layout (VQAv2's scenes, and the pretraining's)."""
+    return _scene(rng, size, rng.randint(1, 3) if k is None else k, (size // 9, size // 7), size // 48)
 
 
 def draw_object(rng: random.Random, size: int) -> tuple[Image.Image, str]:

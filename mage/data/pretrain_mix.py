@@ -31,7 +31,7 @@ from mage.data.mini import (cell_name, draw_number, draw_object, position_xy, ra
 SKILLS = ("describe", "describe_object", "count", "locate", "name", "color", "classify", "read", "point", "draw",
           "copy")
 # Text skills dominate, as in an MLLM's pretraining; draw and copy train the image output path.
-SKILL_WEIGHTS = (2, 1, 1, 2, 1, 1, 1, 2, 2, 2, 1)
+SKILL_WEIGHTS = (2, 1, 1, 3, 1, 1, 1, 2, 3, 2, 1)
 
 
 def _describe(objs, size: int) -> str:
@@ -42,7 +42,10 @@ def _describe(objs, size: int) -> str:
 
 
 def _prompt(rng: random.Random, skill: str, **fields) -> str:
-    return rng.choice(vocab.PRETRAIN_PROMPTS[skill]).format(**fields)
+    prompt = rng.choice(vocab.PRETRAIN_PROMPTS[skill]).format(**fields)
+    if skill not in ("draw", "copy") and rng.random() < 1 / 3:
+        prompt += " " + rng.choice(vocab.PRETRAIN_SUFFIXES)
+    return prompt
 
 
 def draw_skill(rng: random.Random, skill: str, size: int):
@@ -63,7 +66,9 @@ def draw_skill(rng: random.Random, skill: str, size: int):
         description = vocab.PRETRAIN_DESCRIBE_OBJECT.format(article=vocab.article(col), color=col, shape=s, position=pos)
         return _prompt(rng, "draw", description=description), "", None, \
             render_objects([(s, col, cx, cy, size // 7 + rng.randint(-2, 2))], size)
-    objs = random_scene(rng, size)
+    # One scene in three holds a single shape: where an object is, and its colour or shape, is learned on
+    # one object before it is bound among several.
+    objs = random_scene(rng, size, 1 if rng.random() < 1 / 3 else None)
     img = render_objects(objs, size)
     s, col, cx, cy, _ = rng.choice(objs)
     if skill == "describe":
@@ -128,3 +133,28 @@ def vision_example(rng: random.Random, size: int):
     labels["digits"] = [int(text[0]), int(text[1]) if len(text) > 1 else 10]
     labels["text_color"] = [_COLOR_ID[color]]
     return draw_number(rng, size, text, color), labels
+
+
+# Per-token labels of a scene on a grid x grid layout of the image (the ViT's 8 x 8 tokens, the input
+# resampler's 4 x 4): the colour and shape id (0 = empty) of the object covering each cell's centre. They
+# teach each image token what lies in its own part of the image (docs/METHOD.md "The tiny model").
+REGION_CLASSES = {"color": 1 + len(vocab.COLORS), "shape": 1 + len(vocab.SHAPES)}
+
+
+def region_scene(rng: random.Random, size: int):
+    """A scene for the region labels: 1-3 shapes (VQAv2's scenes) or, one time in three, one larger shape."""
+    if rng.random() < 0.7:
+        return random_scene(rng, size)
+    return [(rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)),
+             *position_xy(rng, size, rng.choice(vocab.CELL_NAMES)), size // 7)]
+
+
+def region_labels(objs, grid: int, size: int) -> dict[str, list[int]]:
+    """{"color": [...], "shape": [...]}, grid * grid ids each, row-major."""
+    labels = {"color": [0] * grid * grid, "shape": [0] * grid * grid}
+    for s, c, x, y, r in objs:
+        for k in range(grid * grid):
+            cx, cy = (k % grid + 0.5) * size / grid, (k // grid + 0.5) * size / grid
+            if abs(cx - x) <= r and abs(cy - y) <= r:
+                labels["color"][k], labels["shape"][k] = _COLOR_ID[c], 1 + vocab.SHAPES.index(s)
+    return labels

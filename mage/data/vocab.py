@@ -85,9 +85,12 @@ PRETRAIN_PROMPTS = {
     "draw": ("Draw {description}.", "Paint {description}."),                             # -> image
     "copy": ("Copy the picture.", "Repeat the picture."),                                 # image -> the same image
 }
+# Answer-format hints a real MLLM meets in its instruction data, appended to one text prompt in three
+# (never the tasks' own "Answer with one word."), so the base follows a question whatever its tail.
+PRETRAIN_SUFFIXES = ("Answer briefly.", "Use a single word or phrase.", "Reply in a few words.")
 PRETRAIN_DESCRIBE_OBJECT = "{article} {color} {shape} at the {position}"
 PRETRAIN_DESCRIBE_CLASS = "{article} {color} {cls}"           # an ImageNet-class drawing, described
-PRETRAIN_TEXTS = (PRETRAIN_DESCRIBE_OBJECT, PRETRAIN_DESCRIBE_CLASS,
+PRETRAIN_TEXTS = (PRETRAIN_DESCRIBE_OBJECT, PRETRAIN_DESCRIBE_CLASS, *PRETRAIN_SUFFIXES,
                   *(p for prompts in PRETRAIN_PROMPTS.values() for p in prompts))
 # The polite reply of SEED-X's editing recipe is not used: image answers are the image tokens only.
 

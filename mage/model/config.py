@@ -18,6 +18,15 @@ class ResamplerConfig:
     num_heads: int
     kv_dim: int
     layer_norm_eps: float = 1e-5
+    # 0 = Qwen-VL's resampler: every query reads the whole image. > 0 (the tiny model only, docs/METHOD.md
+    # "The tiny model"): a query reads only the keys within `window` query cells of its own centre, so
+    # each image token holds its own part of the image.
+    window: float = 0.0
+    # Add the query's fixed position to its output, so the LLM reads where a token is from its content.
+    output_positions: bool = False
+    # LayerNorm the output (before the positions): image tokens keep a fixed scale instead of drifting
+    # to hundreds of times the text embeddings', where the positions above would be lost.
+    output_norm: bool = False
 
     @property
     def num_queries(self) -> int:
@@ -38,6 +47,7 @@ class VisionConfig:
     output_dim: int
     pos_embed_rows: int  # rows of `positional_embedding`, bicubically resized to the patch grid
     layer_norm_eps: float = 1e-6
+    pool_window: float = 0.0  # the attention pool's `ResamplerConfig.window`
 
     @property
     def num_patches(self) -> int:
@@ -127,9 +137,12 @@ def tiny_config() -> SeedXConfig:
     return SeedXConfig(
         name="tiny",
         vision=VisionConfig(image_size=112, patch_size=14, width=64, layers=2, heads=4, mlp_dim=256,
-                            num_queries=64, output_dim=96, pos_embed_rows=16),
+                            num_queries=64, output_dim=96, pos_embed_rows=16, pool_window=1.0),
         # ViT width 96 != LLM width 128, so both resamplers have their kv projection, as in SEED-X.
-        input_resampler=ResamplerConfig(grid_size=4, embed_dim=128, num_heads=4, kv_dim=96),
+        # Local image tokens that say where they are: without them the tiny base, trained for minutes,
+        # cannot tell where an object is (docs/METHOD.md "The tiny model", docs/RESULTS.md).
+        input_resampler=ResamplerConfig(grid_size=4, embed_dim=128, num_heads=4, kv_dim=96, window=0.5,
+                                        output_positions=True, output_norm=True),
         output_resampler=ResamplerConfig(grid_size=4, embed_dim=96, num_heads=4, kv_dim=128),
         llm=LLMConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, vocab_size=None),
     )

@@ -33,7 +33,7 @@ from mage.model.config import get_config
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
 # Change when the recipe changes in a way the key below cannot see (e.g. a drawing routine).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,9 @@ class PretrainConfig:
     vision_steps: int = 600             # stage 1: the ViT alone, dense labels (VISION_HEADS)
     vision_batch_size: int = 32
     vision_lr: float = 2e-3
-    steps: int = 2500                   # stage 2: the whole model on the mixture, ViT frozen
+    connector_steps: int = 600          # stage 1b: the input resampler alone, per-token region labels
+    connector_lr: float = 2e-3
+    steps: int = 3500                   # stage 2: the whole model on the mixture, ViT frozen
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -76,37 +78,63 @@ def _adamw(params: list[torch.nn.Parameter], cfg: PretrainConfig, lr: float) -> 
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+def _region_loss(head: torch.nn.Linear, tokens: torch.Tensor, scenes: list, size: int) -> torch.Tensor:
+    """Cross-entropy of each image token's own region labels (`pretrain_mix.region_labels`)."""
+    from mage.data.pretrain_mix import REGION_CLASSES, region_labels
+
+    grid = math.isqrt(tokens.shape[1])
+    labels = [region_labels(objs, grid, size) for objs in scenes]
+    logits, loss = head(tokens), 0.0
+    for part, (name, k) in zip(logits.split(list(REGION_CLASSES.values()), dim=-1), REGION_CLASSES.items()):
+        target = torch.tensor([lab[name] for lab in labels])
+        loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
+    return loss
+
+
+def _region_batch(rng, n: int, size: int) -> tuple[list, torch.Tensor]:
+    from mage.data.images import to_tensor
+    from mage.data.mini import render_objects
+    from mage.data.pretrain_mix import region_scene
+
+    scenes = [region_scene(rng, size) for _ in range(n)]
+    return scenes, torch.stack([to_tensor(render_objects(objs, size), size) for objs in scenes])
+
+
 def pretrain_vision_(model, cfg: PretrainConfig, progress: bool = True) -> None:
-    """Stage 1: the ViT learns to see the mini world from dense labels (a linear head on its output tokens,
-    discarded afterwards), as a real ViT is pretrained before the multimodal stage."""
+    """Stage 1: the ViT learns to see the mini world from dense labels (linear heads on its output tokens,
+    discarded afterwards), as a real ViT is pretrained before the multimodal stage: whole-image labels
+    from all its tokens together, and each token's own region (`pretrain_mix.region_labels`)."""
     import random
 
     from tqdm.auto import tqdm
 
     from mage.data.images import to_tensor
-    from mage.data.pretrain_mix import VISION_HEADS, vision_example
+    from mage.data.pretrain_mix import REGION_CLASSES, VISION_HEADS, vision_example
 
     vit, size = model.visual_encoder, model.config.vision.image_size
     vis = model.config.vision
     head = torch.nn.Linear(vis.num_queries * vis.output_dim, sum(n * k for n, k in VISION_HEADS.values()))
+    region_head = torch.nn.Linear(vis.output_dim, sum(REGION_CLASSES.values()))
     for p in vit.parameters():
         p.requires_grad_(True)
     vit.train()
-    params = list(vit.parameters()) + list(head.parameters())
+    params = list(vit.parameters()) + list(head.parameters()) + list(region_head.parameters())
     opt = _adamw(params, cfg, cfg.vision_lr)
     stage = dataclasses.replace(cfg, steps=cfg.vision_steps, lr=cfg.vision_lr)
     rng = random.Random(f"vision-{cfg.seed}")
     bar = tqdm(total=cfg.vision_steps, desc="pretraining the tiny ViT", disable=not progress, unit="step")
     for step in range(cfg.vision_steps):
-        examples = [vision_example(rng, size) for _ in range(cfg.vision_batch_size)]
-        images = torch.stack([to_tensor(img, size) for img, _ in examples])
-        logits = head(vit(images).flatten(1))
-        loss, offset = 0.0, 0
-        for name, (n, k) in VISION_HEADS.items():
-            part = logits[:, offset:offset + n * k].reshape(-1, n, k)
+        n = cfg.vision_batch_size
+        examples = [vision_example(rng, size) for _ in range(n)]
+        scenes, scene_images = _region_batch(rng, n, size)
+        tokens = vit(torch.cat([torch.stack([to_tensor(img, size) for img, _ in examples]), scene_images]))
+        logits = head(tokens[:n].flatten(1))
+        loss, offset = _region_loss(region_head, tokens[n:], scenes, size), 0
+        for name, (m, k) in VISION_HEADS.items():
+            part = logits[:, offset:offset + m * k].reshape(-1, m, k)
             target = torch.tensor([lab[name] for _, lab in examples])
             loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
-            offset += n * k
+            offset += m * k
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, stage)
         loss.backward()
@@ -120,8 +148,42 @@ def pretrain_vision_(model, cfg: PretrainConfig, progress: bool = True) -> None:
     vit.requires_grad_(False).eval()
 
 
+def pretrain_connector_(model, cfg: PretrainConfig, progress: bool = True) -> None:
+    """Stage 1b: the input resampler learns to pass each part of the image to its own LLM token (region
+    labels on its grid, a linear head discarded afterwards), over the frozen ViT."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from mage.data.pretrain_mix import REGION_CLASSES
+
+    resampler, vit, size = model.input_resampler, model.visual_encoder, model.config.vision.image_size
+    head = torch.nn.Linear(resampler.embed_dim, sum(REGION_CLASSES.values()))
+    params = [p for p in resampler.parameters() if p.requires_grad] + list(head.parameters())
+    opt = _adamw(params, cfg, cfg.connector_lr)
+    stage = dataclasses.replace(cfg, steps=cfg.connector_steps, lr=cfg.connector_lr)
+    rng = random.Random(f"connector-{cfg.seed}")
+    bar = tqdm(total=cfg.connector_steps, desc="pretraining the input resampler", disable=not progress, unit="step")
+    for step in range(cfg.connector_steps):
+        scenes, images = _region_batch(rng, cfg.vision_batch_size, size)
+        with torch.no_grad():
+            features = vit(images)
+        loss = _region_loss(head, resampler(features), scenes, size)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, stage)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")  # .item() on logging steps only
+    bar.close()
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, log_every: int = 100) -> Path:
-    """Stage 1 (the ViT) then stage 2 (the whole model but the ViT, on the mixture); writes the base atomically."""
+    """Stage 1 (the ViT), 1b (the input resampler), then 2 (the whole model but the ViT, on the mixture);
+    writes the base atomically."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -130,6 +192,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, log_ev
     key = base_key(cfg, tokenizer)
     t0 = time.time()
     pretrain_vision_(model, cfg, progress)
+    pretrain_connector_(model, cfg, progress)
     params = [p for n, p in model.named_parameters() if not n.startswith("visual_encoder.")]
     for p in params:
         p.requires_grad_(True)

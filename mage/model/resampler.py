@@ -5,6 +5,7 @@ embeddings) and the output resampler (LLM hidden states -> image features).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,6 +43,25 @@ def resize_pos_embed(pos_embed: torch.Tensor, length: int) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1).reshape(length, -1).to(pos_embed.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def window_mask(grid_size: int, num_keys: int, window: float) -> torch.Tensor:
+    """(grid_size**2, num_keys) additive attention mask: 0 where a key may be read, -inf elsewhere.
+
+    A query reads the keys whose cell centre lies within `window` query cells of its own centre along
+    each axis; both grids span the image and are row-major, the keys' on a square grid.
+    """
+    key_grid = math.isqrt(num_keys)
+    if key_grid * key_grid != num_keys:
+        raise ValueError(f"a windowed resampler needs its keys on a square grid, got {num_keys} keys")
+    q = (torch.arange(grid_size, dtype=torch.float64) + 0.5) / grid_size
+    k = (torch.arange(key_grid, dtype=torch.float64) + 0.5) / key_grid
+    qy, qx = (t.reshape(-1, 1) for t in torch.meshgrid(q, q, indexing="ij"))
+    ky, kx = (t.reshape(1, -1) for t in torch.meshgrid(k, k, indexing="ij"))
+    reach = window / grid_size + 1e-9
+    inside = ((qx - kx).abs() <= reach) & ((qy - ky).abs() <= reach)
+    return torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))
+
+
 class Resampler(nn.Module):
     """(N, L, kv_dim) -> (N, grid_size**2, embed_dim) with one cross-attention layer."""
 
@@ -50,6 +70,9 @@ class Resampler(nn.Module):
         self.num_queries = config.num_queries
         self.embed_dim = config.embed_dim
         self.kv_dim = config.kv_dim
+        self.grid_size = config.grid_size
+        self.window = config.window
+        self.output_positions = config.output_positions
         # A frozen Parameter (not a buffer) as in SEED-X, so state dicts and parameter counts match.
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(config.embed_dim, config.grid_size), requires_grad=False)
         self.query = nn.Parameter(torch.empty(config.num_queries, config.embed_dim))
@@ -58,6 +81,7 @@ class Resampler(nn.Module):
         self.attn = nn.MultiheadAttention(config.embed_dim, config.num_heads, batch_first=True)
         self.ln_q = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.ln_kv = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.ln_out = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.output_norm else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -74,5 +98,10 @@ class Resampler(nn.Module):
         key_pos = resize_pos_embed(self.pos_embed, x.shape[1])
         x = self.ln_kv(self.kv_proj(x))
         query = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)
-        out, _ = self.attn(query, x + key_pos, x, need_weights=False)
-        return out
+        mask = None
+        if self.window > 0:
+            mask = window_mask(self.grid_size, x.shape[1], self.window).to(device=x.device, dtype=x.dtype)
+        out, _ = self.attn(query, x + key_pos, x, attn_mask=mask, need_weights=False)
+        if self.ln_out is not None:
+            out = self.ln_out(out)
+        return out + self.pos_embed if self.output_positions else out

@@ -78,7 +78,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(config)
         self.attn_pool = Resampler(ResamplerConfig(
             grid_size=int(config.num_queries ** 0.5), embed_dim=config.output_dim, num_heads=config.pool_heads,
-            kv_dim=width, layer_norm_eps=config.layer_norm_eps))
+            kv_dim=width, layer_norm_eps=config.layer_norm_eps, window=config.pool_window))
         self.ln_post = nn.LayerNorm(config.output_dim, eps=config.layer_norm_eps)
         self.proj = nn.Parameter(config.output_dim ** -0.5 * torch.randn(config.output_dim, config.output_dim))
 
