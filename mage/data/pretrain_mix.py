@@ -142,7 +142,7 @@ REGION_CLASSES = {"color": 1 + len(vocab.COLORS), "shape": 1 + len(vocab.SHAPES)
 
 
 def region_scene(rng: random.Random, size: int):
-    """A scene for the region labels: 1-3 shapes (VQAv2's scenes) or, one time in three, one larger shape."""
+    """A scene for the region labels: 1-3 shapes (VQAv2's scenes) or, three times in ten, one shape of the largest size."""
     if rng.random() < 0.7:
         return random_scene(rng, size)
     return [(rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS)),
