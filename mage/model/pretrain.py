@@ -78,6 +78,19 @@ def _adamw(params: list[torch.nn.Parameter], cfg: PretrainConfig, lr: float) -> 
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+def _head_stage_step_(loss: torch.Tensor, params: list, opt, lr: float, bar, step: int) -> None:
+    """One AdamW step of a stage trained through a discarded head (1 and 1b), clipped at 1.0."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    bar.update(1)
+    if (step + 1) % 50 == 0:
+        bar.set_postfix(loss=f"{loss.item():.3f}")  # .item() on logging steps only
+
+
 def _region_loss(head: torch.nn.Linear, tokens: torch.Tensor, scenes: list, size: int) -> torch.Tensor:
     """Cross-entropy of each image token's own region labels (`pretrain_mix.region_labels`)."""
     from mage.data.pretrain_mix import REGION_CLASSES, region_labels
@@ -135,15 +148,7 @@ def pretrain_vision_(model, cfg: PretrainConfig, progress: bool = True) -> None:
             target = torch.tensor([lab[name] for _, lab in examples])
             loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
             offset += m * k
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, stage)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # .item() on logging steps only
+        _head_stage_step_(loss, params, opt, _lr_at(step, stage), bar, step)
     bar.close()
     vit.requires_grad_(False).eval()
 
@@ -169,15 +174,7 @@ def pretrain_connector_(model, cfg: PretrainConfig, progress: bool = True) -> No
         with torch.no_grad():
             features = vit(images)
         loss = _region_loss(head, resampler(features), scenes, size)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, stage)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # .item() on logging steps only
+        _head_stage_step_(loss, params, opt, _lr_at(step, stage), bar, step)
     bar.close()
 
 
