@@ -25,13 +25,13 @@ sys.path.insert(0, str(REPO))  # this checkout's mage, not an installed one
 
 from mage.data.collate import Example, collate  # noqa: E402
 from mage.data.images import ImageConfig, image_views  # noqa: E402
-from mage.data.pretrain_mix import SKILLS, draw_skill  # noqa: E402
+from mage.data.pretrain_mix import IMAGE_SKILLS, SKILLS, draw_skill  # noqa: E402
 from mage.model.build import build_model  # noqa: E402
 from mage.model.pretrain import load_base_, resolve_base  # noqa: E402
 from mage.provenance import append_csv_rows, git_commit  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "base_skills.csv"
-TEXT_SKILLS = tuple(s for s in SKILLS if s not in ("draw", "copy"))  # draw and copy answer with an image
+TEXT_SKILLS = tuple(s for s in SKILLS if s not in IMAGE_SKILLS)
 
 
 @torch.no_grad()

@@ -21,12 +21,31 @@ def git_commit(root: Path = REPO) -> str:
 
 
 def append_csv_rows(path: str | Path, fieldnames: list[str], rows: list[dict]) -> None:
-    """Append result rows to a CSV kept in the repo, writing the header when the file is new."""
+    """Append result rows to a CSV kept in the repo, writing the header when the file is new.
+
+    When the rows bring columns the file lacks (a benchmark that measures more than it used to), the file is
+    rewritten once with the old header followed by the new columns; earlier rows keep their values and
+    leave the new columns empty.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old_rows = list(reader.fieldnames or []), list(reader)
+        added = [k for k in fieldnames if k not in header]
+        if added:
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header + added)
+                writer.writeheader()
+                writer.writerows(old_rows)
+            tmp.replace(path)
+            header += added
+        fieldnames = header
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)

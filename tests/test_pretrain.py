@@ -38,6 +38,45 @@ def test_every_skill_draws(skill):
     assert instruction and (answer or target is not None)
 
 
+def _color_pixels(image, color: str, box=None) -> int:
+    import numpy as np
+    a = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if box is not None:
+        x1, y1, x2, y2 = box
+        a = a[y1:y2, x1:x2]
+    return int((np.abs(a - np.array(vocab.COLORS[color])).sum(-1) < 30).sum())
+
+
+def test_format_skills_say_what_the_image_holds():
+    """verify answers yes/no about the scene, corners boxes the named shape, remove and add change it."""
+    import random
+    import re
+    rng, size = random.Random(1), 112
+    answers = []
+    for _ in range(60):
+        instruction, answer, image, _ = draw_skill(rng, "verify", size)
+        color = next(c for c in vocab.COLORS if f" {c} " in instruction)
+        assert answer in ("yes", "no") and (answer == "no" or _color_pixels(image, color) > 0)
+        answers.append(answer)
+    assert 15 < answers.count("yes") < 45
+    for _ in range(30):
+        instruction, answer, image, _ = draw_skill(rng, "corners", size)
+        x1, y1, x2, y2 = (float(v) for v in re.fullmatch(r"\[([\d.]+),([\d.]+),([\d.]+),([\d.]+)\]", answer).groups())
+        assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        color = next(c for c in vocab.COLORS if f" {c} " in instruction)
+        # Two decimals place a corner within 1.12 pixels, and PIL fills the far edge's pixels too.
+        x1, y1, x2, y2 = (round(v * size) + d for v, d in zip((x1, y1, x2, y2), (-1, -1, 2, 2)))
+        assert _color_pixels(image, color, (x1, y1, x2, y2)) == _color_pixels(image, color)  # the shape lies in its box
+        assert (x2 - x1) * (y2 - y1) < size * size / 9  # and the box is the shape's, not the scene's
+    for _ in range(20):
+        instruction, answer, image, target = draw_skill(rng, "remove", size)
+        color = next(c for c in vocab.COLORS if f" {c} " in instruction)
+        assert answer == "" and _color_pixels(image, color) > 0 and _color_pixels(target, color) < _color_pixels(image, color)
+        instruction, answer, image, target = draw_skill(rng, "add", size)
+        color = next(c for c in vocab.COLORS if f" {c} " in instruction)
+        assert answer == "" and _color_pixels(target, color) > _color_pixels(image, color)
+
+
 def test_region_labels_name_the_object_over_each_token():
     # A red circle of radius 14 centred at (20, 90) on a 112-pixel image: on the 4 x 4 grid (28-pixel
     # cells, centres 14, 42, 70, 98) it covers the centres x = 14 and y = 98 only: row 3, column 0.

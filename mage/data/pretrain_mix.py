@@ -17,6 +17,15 @@ SEED-X's pretraining. Examples are drawn in memory (no files) from one `random.R
 | point | "Give the center of the red circle.", "Point to the red circle." | "[0.17,0.50]" |
 | draw (text -> image) | "Draw a red circle at the top left.", "Paint ..." | the image |
 | copy (image -> image) | "Copy the picture.", "Repeat the picture." | the same image |
+| verify | "Does the picture show a red circle?", "Can you see a red circle?" | "yes" / "no" |
+| corners | "Give the corners of the red circle.", "Outline the red circle." | "[0.05,0.36,0.28,0.64]" |
+| remove (image -> image) | "Remove the red circle.", "Take away the red circle." | the scene without it |
+| add (image -> image) | "Add a red circle at the top left.", "Put ... in the picture." | the scene with it |
+
+verify, corners, remove and add give the base the answer formats a real MLLM brings to the tasks (yes/no,
+a box, an image changed by an instruction) in other words and compositions than the tasks': without
+them the base has never written "yes" or a box, and the first task that needs one (VQAv2's "Is there
+...?", RefCOCO) must build the format from nothing, a large change that its LoRA applies to every prompt.
 """
 from __future__ import annotations
 
@@ -29,9 +38,10 @@ from mage.data.mini import (cell_name, draw_number, draw_object, position_xy, ra
                             render_objects)
 
 SKILLS = ("describe", "describe_object", "count", "locate", "name", "color", "classify", "read", "point", "draw",
-          "copy")
-# Text skills dominate, as in an MLLM's pretraining; draw and copy train the image output path.
-SKILL_WEIGHTS = (2, 1, 1, 3, 1, 1, 1, 2, 3, 2, 1)
+          "copy", "verify", "corners", "remove", "add")
+IMAGE_SKILLS = ("draw", "copy", "remove", "add")  # answered with an image
+# Text skills dominate, as in an MLLM's pretraining; draw, copy, remove and add train the image output path.
+SKILL_WEIGHTS = (2, 1, 1, 3, 1, 1, 1, 2, 3, 3, 1, 2, 2, 1, 1)
 
 
 def _describe(objs, size: int) -> str:
@@ -43,7 +53,7 @@ def _describe(objs, size: int) -> str:
 
 def _prompt(rng: random.Random, skill: str, **fields) -> str:
     prompt = rng.choice(vocab.PRETRAIN_PROMPTS[skill]).format(**fields)
-    if skill not in ("draw", "copy") and rng.random() < 1 / 3:
+    if skill not in IMAGE_SKILLS and rng.random() < 1 / 3:
         prompt += " " + rng.choice(vocab.PRETRAIN_SUFFIXES)
     return prompt
 
@@ -85,6 +95,36 @@ def draw_skill(rng: random.Random, skill: str, size: int):
         return _prompt(rng, "point", color=col, shape=s), f"[{cx / size:.2f},{cy / size:.2f}]", img, None
     if skill == "copy":
         return _prompt(rng, "copy"), "", img, img
+    if skill == "verify":
+        if rng.random() < 0.5:
+            return _prompt(rng, "verify", article=vocab.article(col), color=col, shape=s), "yes", img, None
+        present = {(o[0], o[1]) for o in objs}
+        s2, c2 = rng.choice([(sh, c) for sh in vocab.SHAPES for c in vocab.COLORS if (sh, c) not in present])
+        return _prompt(rng, "verify", article=vocab.article(c2), color=c2, shape=s2), "no", img, None
+    if skill == "corners":
+        r = next(o[4] for o in objs if o[0] == s)
+        box = "[" + ",".join(f"{min(1.0, max(0.0, v / size)):.2f}" for v in (cx - r, cy - r, cx + r, cy + r)) + "]"
+        return _prompt(rng, "corners", color=col, shape=s), box, img, None
+    if skill == "remove":
+        if len(objs) == 1:  # a scene to remove from holds two or three shapes
+            objs = random_scene(rng, size, rng.randint(2, 3))
+            img = render_objects(objs, size)
+            s, col = objs[0][:2]
+        return _prompt(rng, "remove", color=col, shape=s), "", img, \
+            render_objects([o for o in objs if o[0] != s], size)
+    if skill == "add":
+        used = {cell_name(o[2], o[3], size) for o in objs}
+        free = [p for p in vocab.CELL_NAMES if p not in used]
+        if not free or len(objs) == 3:
+            objs = objs[:2]
+            img = render_objects(objs, size)
+            free = [p for p in vocab.CELL_NAMES if p not in {cell_name(o[2], o[3], size) for o in objs}]
+        s2 = rng.choice([sh for sh in vocab.SHAPES if sh not in {o[0] for o in objs}])
+        c2, pos = rng.choice(tuple(vocab.COLORS)), rng.choice(free)
+        x2, y2 = position_xy(rng, size, pos)
+        description = vocab.PRETRAIN_DESCRIBE_OBJECT.format(article=vocab.article(c2), color=c2, shape=s2, position=pos)
+        return _prompt(rng, "add", description=description), "", img, \
+            render_objects([*objs, (s2, c2, x2, y2, size // 7 + rng.randint(-2, 2))], size)
     raise ValueError(f"unknown pretraining skill {skill!r}; skills: {', '.join(SKILLS)}")
 
 

@@ -84,6 +84,10 @@ PRETRAIN_PROMPTS = {
     "point": ("Give the center of the {color} {shape}.", "Point to the {color} {shape}."),  # -> "[0.50,0.17]"
     "draw": ("Draw {description}.", "Paint {description}."),                             # -> image
     "copy": ("Copy the picture.", "Repeat the picture."),                                 # image -> the same image
+    "verify": ("Does the picture show {article} {color} {shape}?", "Can you see {article} {color} {shape}?"),  # -> "yes"
+    "corners": ("Give the corners of the {color} {shape}.", "Outline the {color} {shape}."),  # -> "[0.17,0.33,0.45,0.61]"
+    "remove": ("Remove the {color} {shape}.", "Take away the {color} {shape}."),          # image -> image without it
+    "add": ("Add {description}.", "Put {description} in the picture."),                   # image -> image with it
 }
 # Answer-format hints a real MLLM meets in its instruction data, appended to one text prompt in three
 # (never the tasks' own "Answer with one word."), so the base follows a question whatever its tail.

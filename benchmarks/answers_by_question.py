@@ -1,0 +1,107 @@
+"""What a trained model answers: accuracy per question form, the commonest wrong answers and first tokens.
+
+    python benchmarks/answers_by_question.py RUN_DIR TAG TASK [TASK ...]
+    python benchmarks/answers_by_question.py runs/mini task06_end vqav2 imagenet ocrvqa
+
+RUN_DIR is a run folder (its config.json), TAG a checkpoint in RUN_DIR/checkpoints (`task01_end` is the
+model right after the first task). Each text task's test set is answered greedily, as the evaluation does,
+and grouped by its question with colours, shapes and numbers masked ("What color is the X?"). The first
+generated token shows the format the model chose: "<img>" where a text question is answered with an image,
+"[" where it is answered with a box. Nothing is written; the run folder is read only.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mage.data import vocab  # noqa: E402
+
+_WORDS = sorted({*vocab.COLORS, *vocab.SHAPES, *vocab.CLASSES}, key=len, reverse=True)
+_MASK = re.compile(r"\b(" + "|".join(_WORDS) + r")\b")
+
+
+def question_form(question: str) -> str:
+    """The question with its colour, shape and class words masked: one row per form."""
+    return _MASK.sub("X", question)
+
+
+def group_answers(questions, predictions, references) -> dict[str, dict]:
+    """{form: {"right": n, "total": n, "wrong": Counter of (reference, prediction)}}, by question form."""
+    out: dict[str, dict] = {}
+    for q, p, r in zip(questions, predictions, references):
+        row = out.setdefault(question_form(q), {"right": 0, "total": 0, "wrong": collections.Counter()})
+        row["total"] += 1
+        if p.strip().lower() == r.strip().lower():
+            row["right"] += 1
+        else:
+            row["wrong"][(r, p)] += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("tag", help="a checkpoint of RUN_DIR/checkpoints, e.g. task06_end")
+    p.add_argument("tasks", nargs="+", help="text tasks to answer")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    a = p.parse_args(argv)
+
+    from mage.data.dataset import build_dataloader
+    from mage.data.readers import load_test_records
+    from mage.model.generation import greedy_tokens, tokens_to_texts
+    from mage.trainer import distributed
+    from mage.trainer.config import apply_overrides, config_from_dict
+    from mage.trainer.data import image_config, reader_options, to_device
+    from mage.trainer.loop import SequenceTrainer, model_tensors
+
+    ckpt = a.run_dir / "checkpoints" / f"{a.tag}.safetensors"
+    if not ckpt.is_file():
+        tags = sorted(f.name.removesuffix(".safetensors") for f in (a.run_dir / "checkpoints").glob("*.safetensors"))
+        raise SystemExit(f"{ckpt} not found; checkpoints of this run: {', '.join(tags) or 'none'}")
+    torch.set_num_threads(1)
+    saved = json.loads((a.run_dir / "config.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer's run folder; the real one is not touched
+        cfg = apply_overrides(config_from_dict(saved), {"run.out_dir": scratch})
+        info = distributed.init_distributed("cpu")
+        trainer = SequenceTrainer(cfg, info)
+        model, tensors = trainer.model, load_file(str(ckpt))
+        with torch.no_grad():
+            for k, t in model_tensors(model, trainer.method).items():
+                if k.startswith("model."):
+                    t.copy_(tensors[k])
+        model.eval()
+        tok = model.tokenizer
+        for name in a.tasks:
+            task = next((t for t in trainer.tasks if t.name == name), None)
+            if task is None or task.output != "text":
+                raise SystemExit(f"{name!r} is not a text task of this run: {', '.join(t.name for t in trainer.tasks)}")
+            records = load_test_records(name, trainer.data_root, reader_options(cfg.data))
+            loader = build_dataloader(records, tok, image_config(model, name), 100, mode="generate", shuffle=False)
+            predictions, firsts = [], collections.Counter()
+            for batch in loader:
+                tokens = greedy_tokens(model, to_device(batch, info.device), a.max_new_tokens, tok.eos_token_id,
+                                       tok.pad_token_id)
+                firsts.update(tok.convert_ids_to_tokens([row[0] for row in tokens.tolist()]))
+                predictions += tokens_to_texts(tok, tokens)
+            groups = group_answers([r.turns[0][0] for r in records], predictions, [r.answer for r in records])
+            right = sum(g["right"] for g in groups.values())
+            print(f"\n{name} after {a.tag}: {100 * right / len(records):.1f}% exact ({right}/{len(records)}); "
+                  f"first tokens: {firsts.most_common(5)}")
+            for form, g in sorted(groups.items(), key=lambda kv: -kv[1]["total"]):
+                wrong = ", ".join(f"{r!r}->{p!r} x{n}" for (r, p), n in g["wrong"].most_common(3))
+                print(f"  {100 * g['right'] / g['total']:5.1f}% of {g['total']:3d}  {form}   wrong: {wrong}")
+
+
+if __name__ == "__main__":
+    main()
