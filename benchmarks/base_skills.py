@@ -11,6 +11,7 @@ change and forgets more. Rows are appended to benchmarks/results/base_skills.csv
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import hashlib
 import platform
@@ -35,8 +36,11 @@ TEXT_SKILLS = tuple(s for s in SKILLS if s not in IMAGE_SKILLS)
 
 
 @torch.no_grad()
-def skill_accuracy(model, skill: str, n: int, seed: int = 0, batch_size: int = 100) -> tuple[float, list[tuple]]:
-    """Percent of n fresh examples answered exactly; and the first few (prompt, answer, reference)."""
+def skill_accuracy(model, skill: str, n: int, seed: int = 0, batch_size: int = 100,
+                   answers_seen: collections.Counter | None = None) -> tuple[float, list[tuple]]:
+    """Percent of n fresh examples answered exactly; and the first few (prompt, answer, reference).
+    ``answers_seen`` (optional) counts every answer given: a base that writes the skill's format without
+    the skill gives one answer to everything."""
     cfg, rng = ImageConfig.tiny(), random.Random(f"skills-{seed}-{skill}")
     right, shown = 0, []
     for start in range(0, n, batch_size):
@@ -49,6 +53,8 @@ def skill_accuracy(model, skill: str, n: int, seed: int = 0, batch_size: int = 1
             references.append(answer)
         answers = model.generate_text(collate(examples, model.tokenizer, cfg, mode="generate"), 32)
         right += sum(a.strip() == r for a, r in zip(answers, references))
+        if answers_seen is not None:
+            answers_seen.update(a.strip() for a in answers)
         shown += [(e.turns[0][0], a, r) for e, a, r in zip(examples, answers, references)][: 3 - len(shown)]
     return 100.0 * right / n, shown
 
@@ -68,9 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     row = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
            "host": platform.node(), "base": path.name, "base_sha256": digest, "examples": a.examples}
     for skill in TEXT_SKILLS:
-        acc, shown = skill_accuracy(model, skill, a.examples)
+        seen = collections.Counter()
+        acc, shown = skill_accuracy(model, skill, a.examples, answers_seen=seen)
         row[skill] = round(acc, 1)
-        print(f"{skill:16s} {acc:5.1f}   e.g. {shown[0][1]!r} for {shown[0][2]!r}", flush=True)
+        common = ", ".join(f"{k!r} x{v}" for k, v in seen.most_common(3))
+        print(f"{skill:16s} {acc:5.1f}   e.g. {shown[0][1]!r} for {shown[0][2]!r}; commonest answers: {common}",
+              flush=True)
     if not a.no_csv:
         append_csv_rows(RESULTS, list(row), [row])
         print(f"appended to {RESULTS}")

@@ -82,16 +82,32 @@ def finished(folder: Path, num_tasks: int, method: str = "") -> bool:
     return len(json.loads(path.read_text())["matrix"]) == expected_rows(method, num_tasks)
 
 
+def train_args(method: str, order: str, seed: int, folder: Path, sets: list[str], config: str) -> list[str]:
+    """The train.py arguments of one run of the table."""
+    name, extra = parse_method(method)
+    args = ["--config", config, "--method.name", name, *extra, "--train.seed", str(seed), "--data.order", order,
+            "--run.out_dir", str(folder), "--run.progress", "false", "--run.tensorboard", "false",
+            "--run.checkpoint_every", "50"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def stale_settings(folder: Path, args: list[str]) -> list[str]:
+    """How a finished run's saved config differs from the one these arguments give now (e.g. the preset's
+    default PEMA mode changed since): such a run must not be counted as this table's."""
+    from mage.trainer.config import config_differences, config_from_dict, load_config, parse_cli
+
+    preset, overrides = parse_cli(args)
+    saved = config_from_dict(json.loads((folder / "config.json").read_text()))
+    return config_differences(saved.flat(), load_config(preset, overrides))
+
+
 def run_one(method: str, order: str, seed: int, runs: Path, sets: list[str], config: str) -> tuple[Path, float]:
     """One train.py run (resumed if it was interrupted); returns its folder and wall minutes."""
     folder = run_dir(runs, method, order, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    name, extra = parse_method(method)
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", config, "--method.name", name, *extra,
-           "--train.seed", str(seed), "--data.order", order, "--run.out_dir", str(folder),
-           "--run.progress", "false", "--run.tensorboard", "false", "--run.checkpoint_every", "50"]
-    for s in sets:
-        cmd += ["--set", s]
+    cmd = [sys.executable, str(REPO / "train.py"), *train_args(method, order, seed, folder, sets, config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.time()
     with open(folder / "train.log", "a") as log:
@@ -340,6 +356,15 @@ def main(argv: list[str] | None = None) -> None:
 
     todo = [(m, o, s) for o in orders for s in seeds for m in methods
             if not finished(run_dir(runs, m, o, s), len(task_order(o)), m)]
+    stale = []
+    for m, o, s in ((m, o, s) for o in orders for s in seeds for m in methods if (m, o, s) not in todo):
+        folder = run_dir(runs, m, o, s)
+        diffs = stale_settings(folder, train_args(m, o, s, folder, a.set, a.config))
+        if diffs:
+            stale.append(f"{folder}: " + "; ".join(diffs))
+    if stale:
+        raise SystemExit("finished runs in " + str(runs) + " were made with other settings than this table's:\n  " +
+                         "\n  ".join(stale) + "\nUse another --runs-dir, or delete those folders to rerun them.")
     print(f"{len(todo)} runs to do ({len(methods) * len(orders) * len(seeds) - len(todo)} already finished), "
           f"{a.jobs} at a time; run folders in {runs}", flush=True)
     failures = []

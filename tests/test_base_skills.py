@@ -1,4 +1,5 @@
 """benchmarks/base_skills.py scores exact answers per skill; benchmarks/base_probe.py reads labels off features."""
+import collections
 import random
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def test_skill_accuracy_is_the_share_of_exact_answers():
     assert acc == expected
     assert len(shown) == 3 and all(answer == "2" for _, answer, _ in shown)
     assert base_skills.skill_accuracy(AlwaysSays("nothing"), "count", n)[0] == 0.0
+    seen = collections.Counter()
+    base_skills.skill_accuracy(AlwaysSays("2"), "count", n, batch_size=16, answers_seen=seen)
+    assert seen == {"2": n}
 
 
 def test_every_text_skill_is_scored_and_image_skills_are_not():

@@ -134,3 +134,19 @@ def test_preset_parsing(table):
     assert table.resolve_lists("orders", None, None) == (["mage"], ["default", "reverse", "alphabetical"])
     assert table.resolve_lists("orders", "lora, ew", None) == (["lora", "ew"], ["default", "reverse", "alphabetical"])
     assert table.resolve_lists("paper", None, "reverse") == (paper, ["reverse"])
+
+
+def test_a_finished_run_with_other_settings_is_reported_not_reused(table, tmp_path):
+    from mage.trainer.config import load_config, parse_cli, save_config
+
+    folder = table.run_dir(tmp_path, "mage:fisher", "default", 1)
+    folder.mkdir(parents=True)
+    args = table.train_args("mage:fisher", "default", 1, folder, ["optim.lr=1e-3"], "mini")
+    preset, overrides = parse_cli(args)
+    save_config(load_config(preset, overrides), folder / "config.json")
+    assert table.stale_settings(folder, args) == []
+    # The same folder read as another mode's, or with another lr: both differences are named.
+    other = table.train_args("mage:fixed", "default", 1, folder, ["optim.lr=8e-4"], "mini")
+    diffs = table.stale_settings(folder, other)
+    assert any(d.startswith("method.pema_mode: 'fisher'") for d in diffs)
+    assert any(d.startswith("optim.lr: 0.001") for d in diffs)

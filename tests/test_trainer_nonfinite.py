@@ -135,7 +135,7 @@ def test_the_check_is_the_steps_only_host_sync():
 
     device = torch.device("cuda")
     model = tiny_model(seed=0).to(device)
-    method = build_method("mage", MethodConfig(), model)
+    method = build_method("mage", MethodConfig(pema_mode="fisher"), model)  # the mode with the most device work
     method.on_task_start((0, 1, 2))
     engine = DDPEngine(model, method.param_groups(0.05), OptimConfig(), TrainConfig(grad_accum=1), 4,
                        DistInfo(0, 1, 0, device))

@@ -113,12 +113,11 @@ def draw_skill(rng: random.Random, skill: str, size: int):
         return _prompt(rng, "remove", color=col, shape=s), "", img, \
             render_objects([o for o in objs if o[0] != s], size)
     if skill == "add":
-        used = {cell_name(o[2], o[3], size) for o in objs}
-        free = [p for p in vocab.CELL_NAMES if p not in used]
-        if not free or len(objs) == 3:
+        if len(objs) == 3:  # a scene to add to holds one or two shapes
             objs = objs[:2]
             img = render_objects(objs, size)
-            free = [p for p in vocab.CELL_NAMES if p not in {cell_name(o[2], o[3], size) for o in objs}]
+        used = {cell_name(o[2], o[3], size) for o in objs}
+        free = [p for p in vocab.CELL_NAMES if p not in used]
         s2 = rng.choice([sh for sh in vocab.SHAPES if sh not in {o[0] for o in objs}])
         c2, pos = rng.choice(tuple(vocab.COLORS)), rng.choice(free)
         x2, y2 = position_xy(rng, size, pos)
