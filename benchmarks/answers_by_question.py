@@ -5,7 +5,7 @@
 
 RUN_DIR is a run folder (its config.json), TAG a checkpoint in RUN_DIR/checkpoints (`task01_end` is the
 model right after the first task). Each text task's test set is answered greedily, as the evaluation does,
-and grouped by its question with colours, shapes and numbers masked ("What color is the X?"). The first
+scored by the task's scorer, and grouped by its question with colours, shapes and classes masked ("What color is the X?"). The first
 generated token shows the format the model chose: "<img>" where a text question is answered with an image,
 "[" where it is answered with a box. Nothing is written; the run folder is read only.
 """
@@ -36,13 +36,14 @@ def question_form(question: str) -> str:
     return _MASK.sub("X", question)
 
 
-def group_answers(questions, predictions, references) -> dict[str, dict]:
-    """{form: {"right": n, "total": n, "wrong": Counter of (reference, prediction)}}, by question form."""
+def group_answers(questions, predictions, references, correct) -> dict[str, dict]:
+    """{form: {"right": n, "total": n, "wrong": Counter of (reference, prediction)}}, by question form;
+    ``correct`` is the task scorer's verdict per example (`mage.eval.scorers.score_text`)."""
     out: dict[str, dict] = {}
-    for q, p, r in zip(questions, predictions, references):
+    for q, p, r, ok in zip(questions, predictions, references, correct):
         row = out.setdefault(question_form(q), {"right": 0, "total": 0, "wrong": collections.Counter()})
         row["total"] += 1
-        if p.strip().lower() == r.strip().lower():
+        if ok:
             row["right"] += 1
         else:
             row["wrong"][(r, p)] += 1
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from mage.data.dataset import build_dataloader
     from mage.data.readers import load_test_records
+    from mage.eval.scorers import score_text
     from mage.model.generation import greedy_tokens, tokens_to_texts
     from mage.trainer import distributed
     from mage.trainer.config import apply_overrides, config_from_dict
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
                                        tok.pad_token_id)
                 firsts.update(tok.convert_ids_to_tokens([row[0] for row in tokens.tolist()]))
                 predictions += tokens_to_texts(tok, tokens)
-            groups = group_answers([r.turns[0][0] for r in records], predictions, [r.answer for r in records])
-            right = sum(g["right"] for g in groups.values())
-            print(f"\n{name} after {a.tag}: {100 * right / len(records):.1f}% exact ({right}/{len(records)}); "
+            references = [r.answer for r in records]
+            score, correct = score_text(name, predictions, references)
+            groups = group_answers([r.turns[0][0] for r in records], predictions, references, correct)
+            print(f"\n{name} after {a.tag}: {score:.1f}% ({sum(correct)}/{len(records)}, the task's scorer); "
                   f"first tokens: {firsts.most_common(5)}")
             for form, g in sorted(groups.items(), key=lambda kv: -kv[1]["total"]):
                 wrong = ", ".join(f"{r!r}->{p!r} x{n}" for (r, p), n in g["wrong"].most_common(3))

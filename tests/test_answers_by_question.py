@@ -17,7 +17,11 @@ def test_question_form_masks_colours_shapes_and_classes_only():
 
 def test_group_answers_counts_right_and_wrong_per_form():
     questions = ["What color is the circle?", "What color is the square?", "Is there a red circle in the image?"]
-    groups = answers.group_answers(questions, ["Red", "no", "2"], ["red", "blue", "yes"])
+    from mage.eval.scorers import score_text
+
+    predictions, references = ["Red", "no", "2"], ["red", "blue", "yes"]
+    _, correct = score_text("vqav2", predictions, references)
+    groups = answers.group_answers(questions, predictions, references, correct)
     colour = groups["What color is the X?"]
     assert (colour["right"], colour["total"]) == (1, 2) and colour["wrong"] == {("blue", "no"): 1}
     exists = groups["Is there a X X in the image?"]

@@ -104,12 +104,16 @@ def _vqa_turn(rng: random.Random, objs, kind: str, size: int) -> tuple[str, str]
     if kind == "where":
         _, _, cx, cy, _ = next(o for o in objs if o[0] == s)
         return q.format(color=col, shape=s), cell_name(cx, cy, size)
-    present = {(o[0], o[1]) for o in objs}
     if rng.random() < 0.5:
         return q.format(article=vocab.article(col), color=col, shape=s), "yes"
-    absent = [(sh, c) for sh in vocab.SHAPES for c in _COLORS if (sh, c) not in present]
-    sh, c = rng.choice(absent)
+    sh, c = absent_shape_color(rng, objs)
     return q.format(article=vocab.article(c), color=c, shape=sh), "no"
+
+
+def absent_shape_color(rng: random.Random, objs) -> tuple[str, str]:
+    """A (shape, colour) pair that no object of the scene has: what a "no" to "Is there ...?" asks about."""
+    present = {(o[0], o[1]) for o in objs}
+    return rng.choice([(sh, c) for sh in vocab.SHAPES for c in _COLORS if (sh, c) not in present])
 
 
 def random_scene(rng: random.Random, size: int, k: int | None = None) -> list[tuple[str, str, int, int, int]]:
@@ -172,10 +176,15 @@ def format_box(box: tuple[float, float, float, float]) -> str:
     return "[" + ",".join(f"{v:.2f}" for v in box) + "]"
 
 
+def object_box(cx: int, cy: int, r: int, size: int) -> str:
+    """The box of a shape of half-size r centred at (cx, cy), normalised to the image and clamped to 0..1."""
+    return format_box(tuple(min(1.0, max(0.0, v / size)) for v in (cx - r, cy - r, cx + r, cy + r)))
+
+
 def _refcoco(rng: random.Random, size: int, turns: int):
     objs = _scene(rng, size, rng.randint(1, 2), (size // 8, size // 8), 0)  # one size, no jitter: 9 boxes
     s, col, cx, cy, r = rng.choice(objs)
-    box = format_box(tuple(min(1.0, max(0.0, v / size)) for v in (cx - r, cy - r, cx + r, cy + r)))
+    box = object_box(cx, cy, r, size)
     template = vocab.GROUNDING_WHERE_QUESTION if rng.random() < 1 / 3 else vocab.GROUNDING_QUESTION
     q = template.format(color=col, shape=s)
     return [q, box], render_objects(objs, size), {"size": [size, size], "answer_bbox": box}

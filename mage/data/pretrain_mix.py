@@ -34,8 +34,8 @@ import random
 from mage.data import vocab
 from mage.data.collate import Example
 from mage.data.images import ImageConfig, image_views, target_view
-from mage.data.mini import (cell_name, draw_number, draw_object, position_xy, random_number, random_scene,
-                            render_objects)
+from mage.data.mini import (absent_shape_color, cell_name, draw_number, draw_object, object_box, position_xy,
+                            random_number, random_scene, render_objects)
 
 SKILLS = ("describe", "describe_object", "count", "locate", "name", "color", "classify", "read", "point", "draw",
           "copy", "verify", "corners", "remove", "add")
@@ -98,13 +98,11 @@ def draw_skill(rng: random.Random, skill: str, size: int):
     if skill == "verify":
         if rng.random() < 0.5:
             return _prompt(rng, "verify", article=vocab.article(col), color=col, shape=s), "yes", img, None
-        present = {(o[0], o[1]) for o in objs}
-        s2, c2 = rng.choice([(sh, c) for sh in vocab.SHAPES for c in vocab.COLORS if (sh, c) not in present])
+        s2, c2 = absent_shape_color(rng, objs)
         return _prompt(rng, "verify", article=vocab.article(c2), color=c2, shape=s2), "no", img, None
     if skill == "corners":
         r = next(o[4] for o in objs if o[0] == s)
-        box = "[" + ",".join(f"{min(1.0, max(0.0, v / size)):.2f}" for v in (cx - r, cy - r, cx + r, cy + r)) + "]"
-        return _prompt(rng, "corners", color=col, shape=s), box, img, None
+        return _prompt(rng, "corners", color=col, shape=s), object_box(cx, cy, r, size), img, None
     if skill == "remove":
         if len(objs) == 1:  # a scene to remove from holds two or three shapes
             objs = random_scene(rng, size, rng.randint(2, 3))

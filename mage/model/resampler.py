@@ -44,8 +44,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, length: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def window_mask(grid_size: int, num_keys: int, window: float) -> torch.Tensor:
-    """(grid_size**2, num_keys) additive attention mask: 0 where a key may be read, -inf elsewhere.
+def window_mask(grid_size: int, num_keys: int, window: float, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(grid_size**2, num_keys) additive attention mask: 0 where a key may be read, -inf elsewhere; cached
+    per device and dtype, so a forward pass does not copy it to the device again.
 
     A query reads the keys whose cell centre lies within `window` query cells of its own centre along
     each axis; both grids span the image and are row-major, the keys' on a square grid.
@@ -59,7 +61,7 @@ def window_mask(grid_size: int, num_keys: int, window: float) -> torch.Tensor:
     ky, kx = (t.reshape(1, -1) for t in torch.meshgrid(k, k, indexing="ij"))
     reach = window / grid_size + 1e-9
     inside = ((qx - kx).abs() <= reach) & ((qy - ky).abs() <= reach)
-    return torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))
+    return torch.zeros(inside.shape, dtype=dtype).masked_fill(~inside, float("-inf")).to(device)
 
 
 class Resampler(nn.Module):
@@ -100,7 +102,7 @@ class Resampler(nn.Module):
         query = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)
         mask = None
         if self.window > 0:
-            mask = window_mask(self.grid_size, x.shape[1], self.window).to(device=x.device, dtype=x.dtype)
+            mask = window_mask(self.grid_size, x.shape[1], self.window, x.device, x.dtype)
         out, _ = self.attn(query, x + key_pos, x, attn_mask=mask, need_weights=False)
         if self.ln_out is not None:
             out = self.ln_out(out)
