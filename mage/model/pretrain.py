@@ -91,17 +91,24 @@ def _head_stage_step_(loss: torch.Tensor, params: list, opt, lr: float, bar, ste
         bar.set_postfix(loss=f"{loss.item():.3f}")  # .item() on logging steps only
 
 
+def _heads_loss(logits: torch.Tensor, labels: list[dict], heads: dict[str, tuple[int, int]],
+                loss: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """`loss` plus the cross-entropy of each labelled head read off the last dim of `logits`, in order:
+    head `name` holds m groups of k classes and each label dict gives its m (or m x tokens) class ids."""
+    sizes = [m * k for m, k in heads.values()]
+    for part, (name, (_, k)) in zip(logits.split(sizes, dim=-1), heads.items()):
+        target = torch.tensor([lab[name] for lab in labels])
+        loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
+    return loss
+
+
 def _region_loss(head: torch.nn.Linear, tokens: torch.Tensor, scenes: list, size: int) -> torch.Tensor:
     """Cross-entropy of each image token's own region labels (`pretrain_mix.region_labels`)."""
     from mage.data.pretrain_mix import REGION_CLASSES, region_labels
 
     grid = math.isqrt(tokens.shape[1])
     labels = [region_labels(objs, grid, size) for objs in scenes]
-    logits, loss = head(tokens), 0.0
-    for part, (name, k) in zip(logits.split(list(REGION_CLASSES.values()), dim=-1), REGION_CLASSES.items()):
-        target = torch.tensor([lab[name] for lab in labels])
-        loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
-    return loss
+    return _heads_loss(head(tokens), labels, {name: (1, k) for name, k in REGION_CLASSES.items()})
 
 
 def _region_batch(rng, n: int, size: int) -> tuple[list, torch.Tensor]:
@@ -141,13 +148,8 @@ def pretrain_vision_(model, cfg: PretrainConfig, progress: bool = True) -> None:
         examples = [vision_example(rng, size) for _ in range(n)]
         scenes, scene_images = _region_batch(rng, n, size)
         tokens = vit(torch.cat([torch.stack([to_tensor(img, size) for img, _ in examples]), scene_images]))
-        logits = head(tokens[:n].flatten(1))
-        loss, offset = _region_loss(region_head, tokens[n:], scenes, size), 0
-        for name, (m, k) in VISION_HEADS.items():
-            part = logits[:, offset:offset + m * k].reshape(-1, m, k)
-            target = torch.tensor([lab[name] for _, lab in examples])
-            loss = loss + torch.nn.functional.cross_entropy(part.reshape(-1, k), target.reshape(-1))
-            offset += m * k
+        loss = _heads_loss(head(tokens[:n].flatten(1)), [lab for _, lab in examples], VISION_HEADS,
+                           _region_loss(region_head, tokens[n:], scenes, size))
         _head_stage_step_(loss, params, opt, _lr_at(step, stage), bar, step)
     bar.close()
     vit.requires_grad_(False).eval()
