@@ -67,8 +67,8 @@ def run_one(task: str, steps: int, seed: int, runs: Path, sets: list[str]) -> fl
     return minutes
 
 
-def write_results(out: Path, runs: Path, grid: list[tuple[str, int, int]], command: str) -> None:
-    commit, machine = git_commit(), machine_name()
+def write_results(out: Path, runs: Path, grid: list[tuple[str, int, int]], command: str, commit: str,
+                  machine: str) -> None:
     rows = []
     for task, steps, seed in grid:
         folder = run_folder(runs, task, steps, seed)
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     out = REPO / "benchmarks" / "results" / a.name
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/tasks_alone.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # Read once, before any result file is written: an untracked result file would read as "+dirty".
+    commit, machine = git_commit(), machine_name()
     todo = [g for g in grid if scores(run_folder(runs, *g)) is None]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
     failures = []
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             except RuntimeError as exc:
                 failures.append(str(exc))
                 print(f"FAILED: {exc}", flush=True)
-            write_results(out, runs, grid, command.strip())
-    write_results(out, runs, grid, command.strip())
+            write_results(out, runs, grid, command.strip(), commit, machine)
+    write_results(out, runs, grid, command.strip(), commit, machine)
     print(f"results: {out.with_suffix('.md')}")
     if failures:
         raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))

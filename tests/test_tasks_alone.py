@@ -33,10 +33,12 @@ def test_results_are_per_task_and_steps_over_seeds(alone, tmp_path):
     fake_run(alone.run_folder(runs, "hqedit", 200, 1), 25.8, 50.0)
     grid = [("ocrvqa", 200, 1), ("ocrvqa", 200, 2), ("ocrvqa", 200, 3), ("hqedit", 200, 1)]  # seed 3 unfinished
     assert alone.scores(alone.run_folder(runs, "ocrvqa", 200, 3)) is None
-    alone.write_results(tmp_path / "out", runs, grid, "cmd")
+    alone.write_results(tmp_path / "out", runs, grid, "cmd", "abc1234", "a machine")
     rows = list(csv.DictReader(open(tmp_path / "out.csv")))
     assert [(r["task"], r["seed"], float(r["trained"])) for r in rows] == [
         ("ocrvqa", "1", 30.0), ("ocrvqa", "2", 34.0), ("hqedit", "1", 50.0)]
+    assert {(r["commit"], r["machine"]) for r in rows} == {("abc1234", "a machine")}
     md = (tmp_path / "out.md").read_text()
+    assert "Commit: abc1234; machine: a machine" in md
     assert "| OCRVQA | 200 | 1,2 | 23.50 ± 0.00 | 32.00 ± 2.83 | >= 60 |" in md
     assert "| HQEdit | 200 | 1 | 25.80 | 50.00 | > zero-shot |" in md
