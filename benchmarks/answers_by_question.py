@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     from mage.trainer import distributed
     from mage.trainer.config import apply_overrides, config_from_dict
     from mage.trainer.data import image_config, reader_options, to_device
-    from mage.trainer.loop import SequenceTrainer, model_tensors
+    from mage.trainer.loop import SequenceTrainer, load_model_tensors_
 
     ckpt = a.run_dir / "checkpoints" / f"{a.tag}.safetensors"
     if not ckpt.is_file():
@@ -77,11 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = apply_overrides(config_from_dict(saved), {"run.out_dir": scratch})
         info = distributed.init_distributed("cpu")
         trainer = SequenceTrainer(cfg, info)
-        model, tensors = trainer.model, load_file(str(ckpt))
-        with torch.no_grad():
-            for k, t in model_tensors(model, trainer.method).items():
-                if k.startswith("model."):
-                    t.copy_(tensors[k])
+        model = trainer.model
+        load_model_tensors_(model, trainer.method, load_file(str(ckpt)), prefixes=("model.",))
         model.eval()
         tok = model.tokenizer
         for name in a.tasks:

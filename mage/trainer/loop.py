@@ -139,6 +139,17 @@ def model_tensors(model: torch.nn.Module, method: ContinualMethod) -> dict[str, 
     return out
 
 
+@torch.no_grad()
+def load_model_tensors_(model: torch.nn.Module, method: ContinualMethod, tensors: dict[str, torch.Tensor],
+                        prefixes: tuple[str, ...] = ("model.", "fisher.")) -> None:
+    """Copy a checkpoint's tensors whose names start with ``prefixes`` into the model (see `model_tensors`)."""
+    for k, t in model_tensors(model, method).items():
+        if k.startswith(prefixes):
+            if k not in tensors:
+                raise CheckpointError(f"checkpoint lacks {k}: written by a different model/LoRA layout")
+            t.copy_(tensors[k])
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 class SequenceTrainer:
@@ -217,12 +228,7 @@ class SequenceTrainer:
         self.progress = Progress(task=state["task"], step=state["step"], zero_shot=state["zero_shot"],
                                  rows=state["rows"], labels=state["labels"], nonfinite=state.get("nonfinite", 0))
         # Every LoRA group, the non-LoRA trainables and the Fisher buffers.
-        with torch.no_grad():
-            for k, t in model_tensors(self.model, self.method).items():
-                if k.startswith(("model.", "fisher.")):
-                    if k not in tensors:
-                        raise CheckpointError(f"checkpoint lacks {k}: written by a different model/LoRA layout")
-                    t.copy_(tensors[k])
+        load_model_tensors_(self.model, self.method, tensors)
         method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
         if state["step"] == 0:
             # A task boundary: only state that spans tasks (e.g. F_prev); the next task starts afresh.
