@@ -182,3 +182,33 @@ def test_presets_and_overrides():
     assert (cfg.optim.lr, cfg.optim.betas, cfg.train.seed) == (2e-4, (0.8, 0.9), 3)
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config("mini", {"train.seed": "1.5"})
+
+
+def test_checkpoint_tensors_load_into_the_lora_groups_and_a_missing_one_is_named():
+    from torch import nn
+
+    from mage.lora import MultiLoRALinear
+    from mage.trainer.checkpoint import CheckpointError
+    from mage.trainer.loop import load_model_tensors_, model_tensors
+
+    class NoState:  # a method with no extra trainables and no state
+        extras = ()
+
+        def state_dict(self):
+            return {}
+
+    torch.manual_seed(0)
+    model, method = nn.Sequential(MultiLoRALinear(nn.Linear(6, 5), rank=2)), NoState()
+    saved = {k: torch.randn_like(t) for k, t in model_tensors(model, method).items()}
+    load_model_tensors_(model, method, saved)
+    for k, t in model_tensors(model, method).items():
+        assert torch.equal(t, saved[k]), k
+    # Only the model's tensors: the Fisher buffers are left as they are.
+    fisher_before = {k: t.clone() for k, t in model_tensors(model, method).items() if k.startswith("fisher.")}
+    load_model_tensors_(model, method, {k: v + 1 for k, v in saved.items()}, prefixes=("model.",))
+    assert all(torch.equal(model_tensors(model, method)[k], v) for k, v in fisher_before.items())
+    assert torch.equal(model_tensors(model, method)["model.0.lora_A_groups.0"], saved["model.0.lora_A_groups.0"] + 1)
+    missing = dict(saved)
+    del missing["model.0.lora_B_groups.3"]
+    with pytest.raises(CheckpointError, match="lacks model.0.lora_B_groups.3"):
+        load_model_tensors_(model, method, missing)
