@@ -188,7 +188,6 @@ def test_checkpoint_tensors_load_into_the_lora_groups_and_a_missing_one_is_named
     from torch import nn
 
     from mage.lora import MultiLoRALinear
-    from mage.trainer.checkpoint import CheckpointError
     from mage.trainer.loop import load_model_tensors_, model_tensors
 
     class NoState:  # a method with no extra trainables and no state
