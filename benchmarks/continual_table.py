@@ -103,11 +103,11 @@ def stale_settings(folder: Path, args: list[str]) -> list[str]:
     return config_differences(saved.flat(), load_config(preset, overrides))
 
 
-def run_one(method: str, order: str, seed: int, runs: Path, sets: list[str], config: str) -> tuple[Path, float]:
-    """One train.py run (resumed if it was interrupted); returns its folder and wall minutes."""
-    folder = run_dir(runs, method, order, seed)
+def run_train(args: list[str], folder: Path, what: str) -> float:
+    """`python train.py ARGS` with one thread, logged to FOLDER/train.log (appended, so a resumed run keeps
+    its history); returns the wall minutes, also written to FOLDER/wall_minutes.txt."""
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "train.py"), *train_args(method, order, seed, folder, sets, config)]
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.time()
     with open(folder / "train.log", "a") as log:
@@ -115,10 +115,17 @@ def run_one(method: str, order: str, seed: int, runs: Path, sets: list[str], con
         log.flush()
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} {order} seed {seed} failed (exit {proc.returncode}); see {folder / 'train.log'}")
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); see {folder / 'train.log'}")
     minutes = (time.time() - start) / 60
     (folder / "wall_minutes.txt").write_text(f"{minutes:.2f}\n")
-    return folder, minutes
+    return minutes
+
+
+def run_one(method: str, order: str, seed: int, runs: Path, sets: list[str], config: str) -> tuple[Path, float]:
+    """One train.py run (resumed if it was interrupted); returns its folder and wall minutes."""
+    folder = run_dir(runs, method, order, seed)
+    return folder, run_train(train_args(method, order, seed, folder, sets, config), folder,
+                             f"{method} {order} seed {seed}")
 
 
 def collect(runs: Path, methods: list[str], orders: list[str], seeds: list[int]) -> list[dict]:

@@ -15,16 +15,14 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from continual_table import machine_name, mean_std  # noqa: E402
+from continual_table import machine_name, mean_std, run_train  # noqa: E402
 
 from mage.data.tasks import TASK_NAMES, get_task  # noqa: E402
 from mage.provenance import git_commit  # noqa: E402
@@ -48,23 +46,12 @@ def scores(folder: Path) -> tuple[float, float] | None:
 
 def run_one(task: str, steps: int, seed: int, runs: Path, sets: list[str]) -> float:
     folder = run_folder(runs, task, steps, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "train.py"), "--method.name", "lora", "--data.tasks", task,
-           "--train.steps_per_task", str(steps), "--train.seed", str(seed), "--run.out_dir", str(folder),
-           "--run.progress", "false", "--run.tensorboard", "false"]
+    args = ["--method.name", "lora", "--data.tasks", task, "--train.steps_per_task", str(steps),
+            "--train.seed", str(seed), "--run.out_dir", str(folder), "--run.progress", "false",
+            "--run.tensorboard", "false"]
     for s in sets:
-        cmd += ["--set", s]
-    start = time.time()
-    with open(folder / "train.log", "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-                              stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} {steps} steps seed {seed} failed (exit {proc.returncode}); see {folder / 'train.log'}")
-    minutes = (time.time() - start) / 60
-    (folder / "wall_minutes.txt").write_text(f"{minutes:.2f}\n")
-    return minutes
+        args += ["--set", s]
+    return run_train(args, folder, f"{task} {steps} steps seed {seed}")
 
 
 def write_results(out: Path, runs: Path, grid: list[tuple[str, int, int]], command: str, commit: str,
