@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import sys
@@ -50,6 +51,65 @@ def group_answers(questions, predictions, references, correct) -> dict[str, dict
     return out
 
 
+@contextlib.contextmanager
+def open_run(run_dir: Path):
+    """The run's model and trainer, built from its config.json with a scratch run folder (the real one is
+    only read), on CPU with one thread: yields (trainer, info)."""
+    from mage.trainer import distributed
+    from mage.trainer.config import apply_overrides, config_from_dict
+    from mage.trainer.loop import SequenceTrainer
+
+    torch.set_num_threads(1)
+    saved = json.loads((run_dir / "config.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = apply_overrides(config_from_dict(saved), {"run.out_dir": scratch})
+        info = distributed.init_distributed("cpu")
+        yield SequenceTrainer(cfg, info), info
+
+
+def checkpoint_path(run_dir: Path, tag: str) -> Path:
+    """RUN_DIR/checkpoints/TAG.safetensors, or an exit that lists the run's checkpoints."""
+    ckpt = run_dir / "checkpoints" / f"{tag}.safetensors"
+    if not ckpt.is_file():
+        tags = sorted(f.name.removesuffix(".safetensors") for f in (run_dir / "checkpoints").glob("*.safetensors"))
+        raise SystemExit(f"{ckpt} not found; checkpoints of this run: {', '.join(tags) or 'none'}")
+    return ckpt
+
+
+def load_tensors_(trainer, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's model tensors into the trainer's model and switch it to eval mode."""
+    from mage.trainer.loop import load_model_tensors_
+
+    load_model_tensors_(trainer.model, trainer.method, tensors, prefixes=("model.",))
+    trainer.model.eval()
+
+
+def answer_task(trainer, info, name: str, max_new_tokens: int):
+    """Answer a text task's whole test set greedily, as the evaluation does: (score, records,
+    predictions, correct per example, Counter of first tokens)."""
+    from mage.data.dataset import build_dataloader
+    from mage.data.readers import load_test_records
+    from mage.eval.scorers import score_text
+    from mage.model.generation import greedy_tokens, tokens_to_texts
+    from mage.trainer.data import image_config, reader_options, to_device
+
+    model, cfg = trainer.model, trainer.cfg
+    tok = model.tokenizer
+    task = next((t for t in trainer.tasks if t.name == name), None)
+    if task is None or task.output != "text":
+        raise SystemExit(f"{name!r} is not a text task of this run: {', '.join(t.name for t in trainer.tasks)}")
+    records = load_test_records(name, trainer.data_root, reader_options(cfg.data))
+    loader = build_dataloader(records, tok, image_config(model, name), 100, mode="generate", shuffle=False)
+    predictions, firsts = [], collections.Counter()
+    for batch in loader:
+        tokens = greedy_tokens(model, to_device(batch, info.device), max_new_tokens, tok.eos_token_id,
+                               tok.pad_token_id)
+        firsts.update(tok.convert_ids_to_tokens([row[0] for row in tokens.tolist()]))
+        predictions += tokens_to_texts(tok, tokens)
+    score, correct = score_text(name, predictions, [r.answer for r in records])
+    return score, records, predictions, correct, firsts
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
@@ -58,44 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     a = p.parse_args(argv)
 
-    from mage.data.dataset import build_dataloader
-    from mage.data.readers import load_test_records
-    from mage.eval.scorers import score_text
-    from mage.model.generation import greedy_tokens, tokens_to_texts
-    from mage.trainer import distributed
-    from mage.trainer.config import apply_overrides, config_from_dict
-    from mage.trainer.data import image_config, reader_options, to_device
-    from mage.trainer.loop import SequenceTrainer, load_model_tensors_
-
-    ckpt = a.run_dir / "checkpoints" / f"{a.tag}.safetensors"
-    if not ckpt.is_file():
-        tags = sorted(f.name.removesuffix(".safetensors") for f in (a.run_dir / "checkpoints").glob("*.safetensors"))
-        raise SystemExit(f"{ckpt} not found; checkpoints of this run: {', '.join(tags) or 'none'}")
-    torch.set_num_threads(1)
-    saved = json.loads((a.run_dir / "config.json").read_text())
-    with tempfile.TemporaryDirectory() as scratch:  # the trainer's run folder; the real one is not touched
-        cfg = apply_overrides(config_from_dict(saved), {"run.out_dir": scratch})
-        info = distributed.init_distributed("cpu")
-        trainer = SequenceTrainer(cfg, info)
-        model = trainer.model
-        load_model_tensors_(model, trainer.method, load_file(str(ckpt)), prefixes=("model.",))
-        model.eval()
-        tok = model.tokenizer
+    ckpt = checkpoint_path(a.run_dir, a.tag)
+    with open_run(a.run_dir) as (trainer, info):
+        load_tensors_(trainer, load_file(str(ckpt)))
         for name in a.tasks:
-            task = next((t for t in trainer.tasks if t.name == name), None)
-            if task is None or task.output != "text":
-                raise SystemExit(f"{name!r} is not a text task of this run: {', '.join(t.name for t in trainer.tasks)}")
-            records = load_test_records(name, trainer.data_root, reader_options(cfg.data))
-            loader = build_dataloader(records, tok, image_config(model, name), 100, mode="generate", shuffle=False)
-            predictions, firsts = [], collections.Counter()
-            for batch in loader:
-                tokens = greedy_tokens(model, to_device(batch, info.device), a.max_new_tokens, tok.eos_token_id,
-                                       tok.pad_token_id)
-                firsts.update(tok.convert_ids_to_tokens([row[0] for row in tokens.tolist()]))
-                predictions += tokens_to_texts(tok, tokens)
-            references = [r.answer for r in records]
-            score, correct = score_text(name, predictions, references)
-            groups = group_answers([r.turns[0][0] for r in records], predictions, references, correct)
+            score, records, predictions, correct, firsts = answer_task(trainer, info, name, a.max_new_tokens)
+            groups = group_answers([r.turns[0][0] for r in records], predictions, [r.answer for r in records],
+                                   correct)
             print(f"\n{name} after {a.tag}: {score:.1f}% ({sum(correct)}/{len(records)}, the task's scorer); "
                   f"first tokens: {firsts.most_common(5)}")
             for form, g in sorted(groups.items(), key=lambda kv: -kv[1]["total"]):

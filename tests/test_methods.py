@@ -82,6 +82,23 @@ def test_mage_frozen_groups_bit_identical_and_absent_from_optimizer():
     assert not any(n.startswith("visual_encoder.") for n in names)
 
 
+@pytest.mark.parametrize("switch, prefixes", [("train_embeddings", ("llm.model.embed_tokens.", "llm.lm_head.")),
+                                              ("train_input_resampler", ("input_resampler.",))])
+def test_a_switched_off_trainable_is_frozen_and_left_out_of_the_optimizer(switch, prefixes):
+    model = tiny_model()
+    method = build_method("lora", MethodConfig(**{switch: False}), model)
+    switched_off = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefixes)}
+    assert switched_off, f"the tiny model has no parameter under {prefixes}"
+    names = {n for n, _ in method.extras}
+    assert not names & switched_off.keys()
+    assert "patch_pos_embed" in names and any(n.startswith("output_resampler.") for n in names)
+    engine = run_steps(model, method, steps=2)
+    in_optimizer = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        if n in switched_off:
+            assert torch.equal(p, switched_off[n]) and not p.requires_grad and id(p) not in in_optimizer, n
+
+
 def _per_example_fisher(model, batches):
     """sum_n (dL_n/dθ)^2 by one backward per example: the definition (docs/METHOD.md section 3, Eq. 2), no tricks."""
     set_track_fisher(model, False)

@@ -41,7 +41,7 @@ SKILLS = ("describe", "describe_object", "count", "locate", "name", "color", "cl
           "copy", "verify", "corners", "remove", "add")
 IMAGE_SKILLS = ("draw", "copy", "remove", "add")  # answered with an image
 # Text skills dominate, as in an MLLM's pretraining; draw, copy, remove and add train the image output path.
-SKILL_WEIGHTS = (2, 1, 1, 3, 1, 1, 1, 2, 3, 3, 1, 2, 2, 1, 1)
+SKILL_WEIGHTS = (2, 1, 1, 3, 1, 1, 1, 4, 3, 3, 1, 2, 2, 1, 1)
 
 
 def _describe(objs, size: int) -> str:

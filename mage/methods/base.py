@@ -29,6 +29,8 @@ FROZEN_PREFIXES = ("visual_encoder.",)
 # The token embeddings and lm_head: trained in SEED-X (new special tokens), optional in the methods
 # (`method.train_embeddings`; docs/TRAINING.md "Which parameters train").
 EMBEDDING_PREFIXES = ("llm.model.embed_tokens.", "llm.lm_head.")
+# The input resampler: trained in SEED-X, optional in the methods (`method.train_input_resampler`).
+INPUT_RESAMPLER_PREFIXES = ("input_resampler.",)
 
 
 def lora_group_params(model: nn.Module, groups: Sequence[int] | None = None) -> Iterator[tuple[str, nn.Parameter]]:
@@ -125,7 +127,8 @@ class ContinualMethod:
         # Recorded once, before any group masking flips requires_grad.
         candidates = non_lora_trainables(model)
         self.extras = [(n, p) for n, p in candidates if cfg.train_non_lora and
-                       (cfg.train_embeddings or not n.startswith(EMBEDDING_PREFIXES))]
+                       (cfg.train_embeddings or not n.startswith(EMBEDDING_PREFIXES)) and
+                       (cfg.train_input_resampler or not n.startswith(INPUT_RESAMPLER_PREFIXES))]
         kept = {id(p) for _, p in self.extras}
         for _, p in candidates:
             if id(p) not in kept:

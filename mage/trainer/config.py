@@ -85,6 +85,7 @@ class MethodConfig:
     fixed_beta: float = 0.99
     train_non_lora: bool = True         # embeddings, lm_head, norms, resamplers, patch_pos_embed (SEED-X)
     train_embeddings: bool = True       # within those: token embeddings and lm_head (docs/TRAINING.md)
+    train_input_resampler: bool = True  # within those: the input resampler (docs/TRAINING.md)
     pema_horizon: float = 0.0           # > 0: fixed/fisher beta = 1 - 1/(horizon * steps_per_task); 0: fixed_beta
     # Baselines (docs/METHOD.md section 5; docs/TRAINING.md "Baselines"): EWC, PGP.
     ewc_lambda: float = 5e4             # weight of (lambda/2) * sum F (theta - theta*)^2; docs/TRAINING.md "EWC's λ"
