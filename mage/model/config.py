@@ -140,7 +140,7 @@ def tiny_config() -> SeedXConfig:
                             num_queries=64, output_dim=96, pos_embed_rows=16, pool_window=1.0),
         # ViT width 96 != LLM width 128, so both resamplers have their kv projection, as in SEED-X.
         # Local image tokens that say where they are: without them the tiny base, trained for minutes,
-        # cannot tell where an object is (docs/METHOD.md "The tiny model", docs/RESULTS.md).
+        # cannot tell where an object is (docs/METHOD.md "The tiny model", docs/RESULTS_HISTORY.md).
         input_resampler=ResamplerConfig(grid_size=4, embed_dim=128, num_heads=4, kv_dim=96, window=0.5,
                                         output_positions=True, output_norm=True),
         output_resampler=ResamplerConfig(grid_size=4, embed_dim=96, num_heads=4, kv_dim=128),

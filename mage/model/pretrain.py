@@ -193,7 +193,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, log_ev
     pretrain_vision_(model, cfg, progress)
     pretrain_connector_(model, cfg, progress)
     # Stage 2 keeps the input resampler as 1b left it: trained on the mixture, its tokens lost the shapes
-    # that 1b put in them (docs/RESULTS.md "The tiny base").
+    # that 1b put in them (docs/RESULTS_HISTORY.md "Where the shape is lost").
     params = [p for n, p in model.named_parameters() if not n.startswith(("visual_encoder.", "input_resampler."))]
     model.input_resampler.requires_grad_(False)
     for p in params:
