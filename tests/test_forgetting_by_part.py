@@ -1,10 +1,10 @@
 """benchmarks/forgetting_by_part.py (and answers_by_question.py's run loading) on a two-task tiny run."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mage.trainer.main import main as train_main
@@ -60,7 +60,6 @@ def test_the_table_has_before_after_and_a_row_per_changed_part(two_task_run, cap
     labels = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]]
     assert labels[:2] == ["task01_end", "task02_end"] and "task01_end + LoRA groups of task02_end" in labels
     # BEFORE's and AFTER's rows are the run's own evaluation of those checkpoints.
-    import json
     matrix = json.loads((two_task_run / "accuracy_matrix.json").read_text())["matrix"]
     for row, label in ((0, "task01_end"), (1, "task02_end")):
         scores = [float(x) for x in lines[2 + labels.index(label)].strip("| ").split(" | ")[1:]]
