@@ -59,12 +59,16 @@ def open_run(run_dir: Path):
     from mage.trainer.config import apply_overrides, config_from_dict
     from mage.trainer.loop import SequenceTrainer
 
-    torch.set_num_threads(1)
     saved = json.loads((run_dir / "config.json").read_text())
-    with tempfile.TemporaryDirectory() as scratch:
-        cfg = apply_overrides(config_from_dict(saved), {"run.out_dir": scratch})
-        info = distributed.init_distributed("cpu")
-        yield SequenceTrainer(cfg, info), info
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            cfg = apply_overrides(config_from_dict(saved), {"run.out_dir": scratch})
+            info = distributed.init_distributed("cpu")
+            yield SequenceTrainer(cfg, info), info
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (a test) keeps its own setting
 
 
 def checkpoint_path(run_dir: Path, tag: str) -> Path:

@@ -66,6 +66,13 @@ def test_the_table_has_before_after_and_a_row_per_changed_part(two_task_run, cap
         assert scores == pytest.approx([round(x, 1) for x in matrix[row]], abs=0.051)
 
 
+def test_reading_a_run_leaves_the_process_thread_count_alone(two_task_run):
+    import torch
+    before = torch.get_num_threads()
+    by_part.main([str(two_task_run), "task01_end", "task02_end", "vqav2"])
+    assert torch.get_num_threads() == before
+
+
 def test_a_missing_checkpoint_lists_the_run_s_checkpoints(two_task_run):
     with pytest.raises(SystemExit, match="task01_end, task02_end"):
         by_part.main([str(two_task_run), "task01_end", "task09_end", "vqav2"])
