@@ -15,7 +15,8 @@ from mage.model import build_model
 from mage.model.pretrain import (REPO_ASSETS, PretrainConfig, base_key, file_key, file_name, load_base_, pretrain,
                                  resolve_base)
 
-TINY = PretrainConfig(seed=3, vision_steps=2, vision_batch_size=4, steps=2, batch_size=4, warmup_steps=1)
+TINY = PretrainConfig(seed=3, vision_steps=2, vision_batch_size=4, connector_steps=2, steps=2, batch_size=4,
+                      warmup_steps=1)
 
 
 def test_mixture_is_deterministic_and_never_a_task_prompt():
