@@ -20,14 +20,16 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from answers_by_question import answer_task, checkpoint_path, load_tensors_, open_run  # noqa: E402
 
+from mage.methods.base import EMBEDDING_PREFIXES, INPUT_RESAMPLER_PREFIXES  # noqa: E402
+
 # (part, test on a model tensor's name without "model."); the first that matches names the part.
 PARTS = (
     ("LoRA groups", lambda n: ".lora_" in n),
-    ("input resampler", lambda n: n.startswith("input_resampler.")),
+    ("input resampler", lambda n: n.startswith(INPUT_RESAMPLER_PREFIXES)),
     ("output resampler", lambda n: n.startswith("output_resampler.")),
     ("norms", lambda n: n.startswith("llm.") and ("norm" in n.rsplit(".", 2)[-2])),
     ("patch_pos_embed", lambda n: n == "patch_pos_embed"),
-    ("embeddings and lm_head", lambda n: n.startswith(("llm.model.embed_tokens.", "llm.lm_head."))),
+    ("embeddings and lm_head", lambda n: n.startswith(EMBEDDING_PREFIXES)),
 )
 
 

@@ -1,17 +1,16 @@
 """benchmarks/forgetting_by_part.py (and answers_by_question.py's run loading) on a two-task tiny run."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mage.trainer.main import main as train_main
 from tests.mini_fixtures import write_mini
 
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCH))
 _spec = importlib.util.spec_from_file_location("forgetting_by_part", _BENCH / "forgetting_by_part.py")
 by_part = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(by_part)
@@ -67,7 +66,6 @@ def test_the_table_has_before_after_and_a_row_per_changed_part(two_task_run, cap
 
 
 def test_reading_a_run_leaves_the_process_thread_count_alone(two_task_run):
-    import torch
     before = torch.get_num_threads()
     by_part.main([str(two_task_run), "task01_end", "task02_end", "vqav2"])
     assert torch.get_num_threads() == before
