@@ -44,7 +44,7 @@ class PretrainConfig:
     vision_lr: float = 2e-3
     connector_steps: int = 1800         # stage 1b: the input resampler alone, per-token region labels
     connector_lr: float = 2e-3
-    steps: int = 5000                   # stage 2: the rest of the model on the mixture, ViT and input resampler frozen
+    steps: int = 10000                  # stage 2: the rest of the model on the mixture, ViT and input resampler frozen
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
