@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from mage.data import mini
+from mage.data import mini, vocab
 from mage.data.readers import load_test_records, load_train_records, preflight
 from mage.data.tasks import TASK_NAMES, TASKS
 from mage.data.tokenizer import build_tokenizer
@@ -83,3 +83,17 @@ def test_cli(tmp_path, capsys):
                "--tasks", "ocrvqa"])
     assert "wrote Continual-NExT-mini" in capsys.readouterr().out
     assert len(load_train_records("ocrvqa", tmp_path)) == 2
+
+
+def test_vqa_max_objects_bounds_the_scenes(tmp_path):
+    """The VQAv2 study option: "How many" answers stay within 1..max, and the default reaches 3."""
+    def counts(max_objects):
+        out = tmp_path / str(max_objects)
+        mini.generate(out, train_per_task=60, test_per_task=60, tasks=["vqav2"], vqa_max_objects=max_objects)
+        return {answer for r in load_train_records("vqav2", out) for question, answer in r.turns
+                if question == vocab.VQA_QUESTIONS["count"]}
+    assert counts(1) == {"1"}
+    assert counts(2) == {"1", "2"}
+    assert counts(3) == {"1", "2", "3"}
+    with pytest.raises(ValueError, match="1 to 3 objects"):
+        mini.generate(tmp_path, tasks=["vqav2"], vqa_max_objects=4)

@@ -1,6 +1,7 @@
 """Continual-NExT-mini: a procedurally drawn, seed-deterministic stand-in for the six Continual-NExT tasks.
 
     python -m mage.data.mini --out DIR --seed N [--train-per-task K --test-per-task M --image-size S]
+                              [--vqa-max-objects 1|2|3]
 
 writes, in the real release's layout (MAGE README and configs; docs/METHOD.md section 7), with PNG images:
 
@@ -38,6 +39,7 @@ Each task draws from its own `random.Random(f"{seed}-{task}")`: the same seed gi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -52,6 +54,9 @@ from mage.data.tasks import TASK_NAMES, get_task
 DEFAULT_TRAIN_PER_TASK = 600
 DEFAULT_TEST_PER_TASK = 200
 DEFAULT_IMAGE_SIZE = 112
+# 1-3 objects per VQAv2 scene; fewer (--vqa-max-objects) is a study of what limits VQAv2 (docs/RESULTS.md),
+# not the benchmark: with one object "How many" is always "1".
+DEFAULT_VQA_MAX_OBJECTS = 3
 # Where test images go inside the test image folder (the release keeps COCO val2014 etc. apart).
 TEST_SUBDIR = {"vqav2": "val2014", "imagenet": "val", "refcoco": "val2014"}
 
@@ -131,8 +136,9 @@ def draw_object(rng: random.Random, size: int) -> tuple[Image.Image, str]:
     return img, cls
 
 
-def _vqav2(rng: random.Random, size: int, turns: int) -> tuple[list[str], Image.Image, dict]:
-    objs = random_scene(rng, size)
+def _vqav2(rng: random.Random, size: int, turns: int,
+           max_objects: int = DEFAULT_VQA_MAX_OBJECTS) -> tuple[list[str], Image.Image, dict]:
+    objs = random_scene(rng, size, rng.randint(1, max_objects))
     data: list[str] = []
     for kind in rng.sample(tuple(vocab.VQA_QUESTIONS), turns):
         data += _vqa_turn(rng, objs, kind, size)
@@ -227,8 +233,12 @@ _CONVERSATION_TASKS: dict[str, Callable] = {"vqav2": _vqav2, "imagenet": _imagen
                                             "refcoco": _refcoco, "flickr30k": _flickr30k}
 
 
-def _write_task(task: str, root: Path, seed: int, n_train: int, n_test: int, size: int) -> None:
+def _write_task(task: str, root: Path, seed: int, n_train: int, n_test: int, size: int,
+                vqa_max_objects: int = DEFAULT_VQA_MAX_OBJECTS) -> None:
     spec = get_task(task)
+    make = _CONVERSATION_TASKS.get(task)
+    if task == "vqav2":
+        make = functools.partial(_vqav2, max_objects=vqa_max_objects)
     rng = random.Random(f"{seed}-{task}")
     tdir = root / spec.dir_name
     train_records: list[dict] = []
@@ -248,7 +258,7 @@ def _write_task(task: str, root: Path, seed: int, n_train: int, n_test: int, siz
                 else:
                     test_records.append({"question_id": i, **rec})
                 continue
-            data, img, extra = _CONVERSATION_TASKS[task](rng, size, 2 if split == "train" else 1)
+            data, img, extra = make(rng, size, 2 if split == "train" else 1)
             if split == "train":
                 images[f"{spec.train_image_dir}/{name}"] = img
                 train_records.append({"image": name, "data": data})
@@ -276,15 +286,19 @@ def _write_task(task: str, root: Path, seed: int, n_train: int, n_test: int, siz
 
 def generate(out: str | Path, seed: int = 0, train_per_task: int = DEFAULT_TRAIN_PER_TASK,
              test_per_task: int = DEFAULT_TEST_PER_TASK, image_size: int = DEFAULT_IMAGE_SIZE,
-             tasks: tuple[str, ...] | list[str] = TASK_NAMES) -> Path:
+             tasks: tuple[str, ...] | list[str] = TASK_NAMES,
+             vqa_max_objects: int = DEFAULT_VQA_MAX_OBJECTS) -> Path:
     """Write Continual-NExT-mini under `out` (see the module docstring); returns the root."""
     if train_per_task < 1 or test_per_task < 1:
         raise ValueError(f"train_per_task={train_per_task}, test_per_task={test_per_task}: both must be >= 1")
+    if not 1 <= vqa_max_objects <= 3:
+        raise ValueError(f"vqa_max_objects={vqa_max_objects}: a VQAv2 scene holds 1 to 3 objects (colours and "
+                         f"shapes are distinct within a scene); use 1, 2 or 3")
     if image_size < 48:
         raise ValueError(f"image_size={image_size} is too small for the drawings; use 48 or more")
     root = Path(out)
     for task in tasks:
-        _write_task(get_task(task).name, root, seed, train_per_task, test_per_task, image_size)
+        _write_task(get_task(task).name, root, seed, train_per_task, test_per_task, image_size, vqa_max_objects)
     return root
 
 
@@ -296,8 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-per-task", type=int, default=DEFAULT_TEST_PER_TASK)
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), help="subset of tasks to write")
+    p.add_argument("--vqa-max-objects", type=int, default=DEFAULT_VQA_MAX_OBJECTS,
+                   help="objects per VQAv2 scene, 1 to this (default 3; fewer only to study VQAv2's limits)")
     a = p.parse_args(argv)
-    root = generate(a.out, a.seed, a.train_per_task, a.test_per_task, a.image_size, a.tasks)
+    root = generate(a.out, a.seed, a.train_per_task, a.test_per_task, a.image_size, a.tasks, a.vqa_max_objects)
     print(f"wrote Continual-NExT-mini ({len(a.tasks)} tasks, {a.train_per_task} train / {a.test_per_task} "
           f"test each, seed {a.seed}) to {root}")
 
