@@ -17,6 +17,15 @@ in the layouts of the paper's Tables 1, 2 (error types), 4 (ablations) and 5 (ta
 when its rows are there) and .png (Avg.ACC per method, the final row per task).
 
 A method is `NAME` or `NAME:PEMA_MODE` (for mage), e.g. `mage:fisher`.
+
+    python benchmarks/continual_table.py --preset paper --seeds 1,2,3 --name paper \
+        --with-rows benchmarks/results/continual_paper.csv   # seeds 1-2 from that CSV, seed 3 run here
+
+--with-rows counts the rows of an earlier table's CSV (runs made on another machine, or whose folders are
+gone) instead of running them; each keeps its own commit and machine in the CSV and the .md names them.
+Their settings cannot be checked against this table's: the CSV holds no config, so use it only for rows of
+the same commit's code. (Training is deterministic on CPU for a given thread count: a run repeated on
+another machine and torch build gave the same accuracy matrix to the last digit, docs/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -155,6 +164,35 @@ def collect(runs: Path, methods: list[str], orders: list[str], seeds: list[int])
     return rows
 
 
+def rows_from_csv(path: Path) -> list[dict]:
+    """The runs of an earlier table's CSV, as `collect` gives them, each with the commit and machine it was
+    measured at: a table can count runs made on another machine or in a runs folder since deleted."""
+    rows = []
+    with path.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for key, value in raw.items():
+                if key in ("method", "order", "tasks", "matrix", "commit", "machine"):
+                    row[key] = value
+                elif key == "seed":
+                    row[key] = int(value)
+                else:
+                    row[key] = float(value) if value not in ("", None) else None
+            rows.append(row)
+    return rows
+
+
+def merge_rows(local: list[dict], earlier: list[dict], methods: list[str], orders: list[str],
+               seeds: list[int]) -> list[dict]:
+    """This table's runs plus the earlier rows it asks for (method, order and seed in its lists) and has not
+    run itself, in (method, order, seed) order."""
+    have = {(r["method"], r["order"], r["seed"]) for r in local}
+    wanted = [r for r in earlier if r["method"] in methods and r["order"] in orders and r["seed"] in seeds
+              and (r["method"], r["order"], r["seed"]) not in have]
+    key = {(m, o, s): i for i, (m, o, s) in enumerate((m, o, s) for m in methods for o in orders for s in seeds)}
+    return sorted(local + wanted, key=lambda r: key[(r["method"], r["order"], r["seed"])])
+
+
 def mean_std(values: list) -> str:
     # None (a metric a run does not define, e.g. joint's Forgetting) and "n/a" strings are skipped.
     vals = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -272,6 +310,13 @@ def write_markdown(path: Path, rows: list[dict], methods: list[str], orders: lis
              f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "Scores in percent; mean ± std over the seeds listed (sample std). Image tasks (Flickr30k, HQEdit) use "
              "the tiny model's stand-in score (centred feature cosine x 100), not CLIP.", ""]
+    earlier = {}
+    for r in rows:
+        if r.get("commit") and (r["commit"], r["machine"]) != (commit, machine):
+            earlier.setdefault((r["commit"], r["machine"]), set()).add(r["seed"])
+    for (other, where), seeds in earlier.items():
+        lines += [f"Seeds {','.join(map(str, sorted(seeds)))} of some rows were measured earlier (--with-rows): "
+                  f"commit {other}; machine: {where}. The CSV names each row's commit.", ""]
     for order in orders:
         lines += order_section(rows, methods, order)
     lines += error_section(rows, methods) + ablation_section(rows, methods) + orders_section(rows, methods, orders)
@@ -346,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--name", default="mini", help="results are benchmarks/results/continual_<name>.{csv,md,png}")
     p.add_argument("--runs-dir", default=None, help="run folders (default runs/table-<name>)")
+    p.add_argument("--with-rows", action="append", default=[], metavar="CSV",
+                   help="count the finished runs of an earlier table's CSV (its rows keep their commit and machine) "
+                        "for the methods, orders and seeds asked that have no run folder here")
     a = p.parse_args(argv)
     methods, orders = resolve_lists(a.preset, a.methods, a.orders)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -355,16 +403,20 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/continual_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit, machine = git_commit(), machine_name()
 
+    earlier = [r for path in a.with_rows for r in rows_from_csv(Path(path))]
+
     def write_all() -> None:
-        rows = collect(runs, methods, orders, seeds)
+        rows = merge_rows(collect(runs, methods, orders, seeds), earlier, methods, orders, seeds)
         write_csv(results / f"continual_{a.name}.csv", rows, commit, machine)
         write_markdown(results / f"continual_{a.name}.md", rows, methods, orders, command.strip(), commit, machine)
         write_figure(results / f"continual_{a.name}.png", rows, methods)
 
+    counted = {(r["method"], r["order"], r["seed"]) for r in earlier}
     todo = [(m, o, s) for o in orders for s in seeds for m in methods
-            if not finished(run_dir(runs, m, o, s), len(task_order(o)), m)]
+            if not finished(run_dir(runs, m, o, s), len(task_order(o)), m) and (m, o, s) not in counted]
     stale = []
-    for m, o, s in ((m, o, s) for o in orders for s in seeds for m in methods if (m, o, s) not in todo):
+    for m, o, s in ((m, o, s) for o in orders for s in seeds for m in methods
+                    if finished(run_dir(runs, m, o, s), len(task_order(o)), m)):
         folder = run_dir(runs, m, o, s)
         diffs = stale_settings(folder, train_args(m, o, s, folder, a.set, a.config))
         if diffs:

@@ -150,3 +150,31 @@ def test_a_finished_run_with_other_settings_is_reported_not_reused(table, tmp_pa
     diffs = table.stale_settings(folder, other)
     assert any(d.startswith("method.pema_mode: 'fisher'") for d in diffs)
     assert any(d.startswith("optim.lr: 0.001") for d in diffs)
+
+
+def test_rows_of_an_earlier_csv_are_counted_with_their_own_commit(table, tmp_path):
+    """--with-rows: seed 1 from an earlier table's CSV (its runs deleted), seed 2 run here."""
+    runs = tmp_path / "runs"
+    fake_run(table.run_dir(runs, "lora", "default", 1), 0.0)
+    earlier = table.collect(runs, ["lora"], ["default"], [1])
+    table.write_csv(tmp_path / "earlier.csv", earlier, "old1234", "machine A")
+    read = table.rows_from_csv(tmp_path / "earlier.csv")
+    assert {k: v for k, v in read[0].items() if k not in ("commit", "machine")} == earlier[0]
+    assert (read[0]["commit"], read[0]["machine"]) == ("old1234", "machine A")
+
+    fresh = tmp_path / "fresh"
+    fake_run(table.run_dir(fresh, "lora", "default", 2), 2.0)
+    fake_run(table.run_dir(fresh, "lora", "default", 1), 5.0)  # a local run beats the CSV's row
+    local = table.collect(fresh, ["lora"], ["default"], [2])
+    merged = table.merge_rows(local, read, ["lora"], ["default"], [1, 2])
+    assert [(r["seed"], r.get("commit")) for r in merged] == [(1, "old1234"), (2, None)]
+    assert table.merge_rows(table.collect(fresh, ["lora"], ["default"], [1, 2]), read, ["lora"], ["default"],
+                            [1, 2])[0]["final_vqav2"] == 10.0  # local seed 1: offset 5 + 5
+    assert table.merge_rows([], read, ["lora"], ["default"], [2]) == []  # seed 1 not asked for
+    table.write_csv(tmp_path / "merged.csv", merged, "new5678", "machine B")
+    written = list(csv.DictReader(open(tmp_path / "merged.csv")))
+    assert [(w["seed"], w["commit"], w["machine"]) for w in written] == [
+        ("1", "old1234", "machine A"), ("2", "new5678", "machine B")]
+    table.write_markdown(tmp_path / "merged.md", merged, ["lora"], ["default"], "cmd", "new5678", "machine B")
+    assert "Seeds 1 of some rows were measured earlier (--with-rows): commit old1234; machine: machine A." in (
+        tmp_path / "merged.md").read_text()
