@@ -315,7 +315,8 @@ def write_markdown(path: Path, rows: list[dict], methods: list[str], orders: lis
         if r.get("commit") and (r["commit"], r["machine"]) != (commit, machine):
             earlier.setdefault((r["commit"], r["machine"]), set()).add(r["seed"])
     for (other, where), seeds in earlier.items():
-        lines += [f"Seeds {','.join(map(str, sorted(seeds)))} of some rows were measured earlier (--with-rows): "
+        label = "Seed" if len(seeds) == 1 else "Seeds"
+        lines += [f"{label} {','.join(map(str, sorted(seeds)))} of some rows were measured earlier (--with-rows): "
                   f"commit {other}; machine: {where}. The CSV names each row's commit.", ""]
     for order in orders:
         lines += order_section(rows, methods, order)

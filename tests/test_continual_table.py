@@ -176,5 +176,5 @@ def test_rows_of_an_earlier_csv_are_counted_with_their_own_commit(table, tmp_pat
     assert [(w["seed"], w["commit"], w["machine"]) for w in written] == [
         ("1", "old1234", "machine A"), ("2", "new5678", "machine B")]
     table.write_markdown(tmp_path / "merged.md", merged, ["lora"], ["default"], "cmd", "new5678", "machine B")
-    assert "Seeds 1 of some rows were measured earlier (--with-rows): commit old1234; machine: machine A." in (
+    assert "Seed 1 of some rows were measured earlier (--with-rows): commit old1234; machine: machine A." in (
         tmp_path / "merged.md").read_text()
