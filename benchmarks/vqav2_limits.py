@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from answers_by_question import answer_task, load_tensors_, open_run  # noqa: E402
-from continual_table import machine_name, run_train  # noqa: E402
+from continual_table import machine_name, mean_std, run_train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from mage.data import mini, vocab  # noqa: E402
+from mage.data import mini  # noqa: E402
 from mage.provenance import git_commit  # noqa: E402
 
 # Question form of a VQAv2 test question, by how it starts (vocab.VQA_QUESTIONS).
@@ -93,10 +93,6 @@ def row(folder: Path, objects: int, lr: str, seed: int, commit: str, machine: st
             "commit": commit, "machine": machine}
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
-
-
 def write_results(out: Path, rows: list[dict], command: str, commit: str, machine: str) -> None:
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -136,14 +132,21 @@ def main(argv: list[str] | None = None) -> None:
         data_root(runs, k)  # before the workers start: two runs never write the same data
     todo = [g for g in grid if not (run_folder(runs, *g) / "accuracy_matrix.json").is_file()]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
+    failures = []
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         futures = {pool.submit(train_one, runs, *g, a.set): g for g in todo}
         for fut in as_completed(futures):
-            print(f"done: objects {futures[fut][0]} lr {futures[fut][1]} seed {futures[fut][2]} "
-                  f"({fut.result():.1f} min)", flush=True)
+            try:
+                print(f"done: objects {futures[fut][0]} lr {futures[fut][1]} seed {futures[fut][2]} "
+                      f"({fut.result():.1f} min)", flush=True)
+            except RuntimeError as exc:  # the others go on; the failed one is rerun next time
+                failures.append(str(exc))
+                print(f"FAILED: {exc}", flush=True)
     rows = [r for g in grid if (r := row(run_folder(runs, *g), *g, commit, machine)) is not None]
     write_results(out, rows, command.strip(), commit, machine)
     print(f"results: {out.with_suffix('.md')}")
+    if failures:
+        raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":
