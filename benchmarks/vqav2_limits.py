@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from answers_by_question import answer_task, load_tensors_, open_run  # noqa: E402
 from continual_table import machine_name, mean_std, run_train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from tasks_alone import scores  # noqa: E402
 
 from mage.data import mini  # noqa: E402
 from mage.provenance import git_commit  # noqa: E402
@@ -83,14 +84,12 @@ def by_form(folder: Path) -> dict[str, float]:
 
 
 def row(folder: Path, objects: int, lr: str, seed: int, commit: str, machine: str) -> dict | None:
-    path = folder / "accuracy_matrix.json"
-    if not path.is_file():
+    got = scores(folder)
+    if got is None:
         return None
-    acc = json.loads(path.read_text())
     forms = by_form(folder)
-    return {"objects": objects, "lr": lr, "seed": seed, "zero_shot": acc["zero_shot"][0],
-            "trained": acc["matrix"][-1][0], **{f"form_{f}": forms.get(f) for f in FORMS},
-            "commit": commit, "machine": machine}
+    return {"objects": objects, "lr": lr, "seed": seed, "zero_shot": got[0], "trained": got[1],
+            **{f"form_{f}": forms.get(f) for f in FORMS}, "commit": commit, "machine": machine}
 
 
 def write_results(out: Path, rows: list[dict], command: str, commit: str, machine: str) -> None:
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     commit, machine = git_commit(), machine_name()  # before any result file exists (else "+dirty")
     for k in dict.fromkeys(k for k, _, _ in grid):
         data_root(runs, k)  # before the workers start: two runs never write the same data
-    todo = [g for g in grid if not (run_folder(runs, *g) / "accuracy_matrix.json").is_file()]
+    todo = [g for g in grid if scores(run_folder(runs, *g)) is None]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
     failures = []
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
