@@ -1,11 +1,7 @@
 """benchmarks/answers_by_question.py: question forms and the per-form tally."""
-import importlib.util
-from pathlib import Path
+from tests.benchmark_modules import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "answers_by_question.py"
-_spec = importlib.util.spec_from_file_location("answers_by_question", _PATH)
-answers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(answers)
+answers = load_benchmark("answers_by_question")
 
 
 def test_question_form_masks_colours_shapes_and_classes_only():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,12 @@ import pytest
 from mage.data.tasks import task_order
 from mage.eval.metrics import single_phase_metrics
 from mage.trainer.report import compute_metrics, write_reports
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("continual_table", REPO / "benchmarks" / "continual_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("continual_table")
 
 
 def fake_run(folder: Path, offset: float, order: str = "default") -> None:

@@ -2,9 +2,7 @@
 (measured the way benchmarks/ewc_lambda_sweep.py measures it), and the measurement itself is right."""
 from __future__ import annotations
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +10,8 @@ import torch
 from mage.trainer.config import MethodConfig, load_config
 from mage.trainer.distributed import DistInfo
 from mage.trainer.loop import SequenceTrainer
+from tests.benchmark_modules import load_benchmark
 from tests.mini_fixtures import write_mini
-
-SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "ewc_lambda_sweep.py"
-
-
-def _sweep_module():
-    spec = importlib.util.spec_from_file_location("ewc_lambda_sweep", SWEEP)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def _ratios(data_root, out, lam, steps=12):
                                "eval.max_new_tokens": 1, "eval.zero_shot": False, "run.progress": False,
                                "run.tensorboard": False, "run.checkpoint_every": 0})
     trainer = SequenceTrainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
-    ratios = _sweep_module().measure_gradient_ratio(trainer)
+    ratios = load_benchmark("ewc_lambda_sweep").measure_gradient_ratio(trainer)
     trainer.run()
     return ratios
 

@@ -1,5 +1,4 @@
 """benchmarks/forgetting_by_part.py (and answers_by_question.py's run loading) on a two-task tiny run."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,12 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from mage.trainer.main import main as train_main
+from tests.benchmark_modules import load_benchmark
 from tests.mini_fixtures import write_mini
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-_spec = importlib.util.spec_from_file_location("forgetting_by_part", _BENCH / "forgetting_by_part.py")
-by_part = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(by_part)
+by_part = load_benchmark("forgetting_by_part")
 
 
 @pytest.fixture(scope="module")

@@ -493,14 +493,9 @@ def test_kernel_suite_in_fresh_process():
 
 
 def _load_benchmark():
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmark_modules import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora4.py"
-    spec = importlib.util.spec_from_file_location("bench_lora4", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_lora4")
 
 
 def test_benchmark_runs_on_cpu():

@@ -2,23 +2,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def alone():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # it imports continual_table's helpers
-    spec = importlib.util.spec_from_file_location("tasks_alone", REPO / "benchmarks" / "tasks_alone.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tasks_alone")
 
 
 def fake_run(folder: Path, zero: float, trained: float) -> None:

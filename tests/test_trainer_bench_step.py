@@ -1,17 +1,13 @@
 """benchmarks/bench_step.py stays runnable on CPU (--tiny): one optimizer step, plain LoRA and MAGE."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+from tests.benchmark_modules import load_benchmark
 
 
 def test_bench_step_tiny_runs_both_providers():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_step")
     rows = bench.main(["--tiny", "--no-csv", "--reps", "1", "--providers", "lora", "mage"])
     assert [r["provider"] for r in rows] == ["lora", "mage"]
     for r in rows:

@@ -2,25 +2,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from mage.data import vocab
 from mage.data.readers import load_test_records
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_modules import BENCHMARKS, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def limits():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # it imports continual_table's and answers_by_question's helpers
-    spec = importlib.util.spec_from_file_location("vqav2_limits", REPO / "benchmarks" / "vqav2_limits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("vqav2_limits")
 
 
 def test_every_vqa_question_has_one_form(limits):
@@ -33,7 +25,7 @@ def test_per_form_scores_add_up_to_the_trainers_score(limits, tmp_path):
     """Two training steps end to end: the forms, weighted by their test counts, give the evaluation's score."""
     limits.main(["--objects", "2", "--lrs", "1e-3", "--seeds", "1", "--jobs", "1", "--runs-dir", str(tmp_path),
                  "--name", "test_vqav2_limits_tmp", "--set", "train.steps_per_task=2"])
-    out = REPO / "benchmarks" / "results" / "test_vqav2_limits_tmp"
+    out = BENCHMARKS / "results" / "test_vqav2_limits_tmp"
     try:
         rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
         md = out.with_suffix(".md").read_text()
