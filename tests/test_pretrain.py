@@ -32,6 +32,26 @@ def test_mixture_is_deterministic_and_never_a_task_prompt():
         assert not any(instruction.startswith(p) for p in task_prompts if p)
 
 
+def test_the_base_has_read_every_word_of_the_task_prompts():
+    # The continual phase freezes the token embeddings: a prompt word the pretraining never wrote keeps
+    # its random init, and the base cannot know what a question starting with it asks.
+    import random
+
+    from mage.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("tiny")
+    rng = random.Random(0)
+    fields = lambda: dict(color=rng.choice(tuple(vocab.COLORS)), shape=rng.choice(vocab.SHAPES),  # noqa: E731
+                          shape2=rng.choice(vocab.SHAPES), position=rng.choice(vocab.CELL_NAMES), article="a",
+                          description="a red circle at the top left")
+    pretrain_prompts = [p for prompts in vocab.PRETRAIN_PROMPTS.values() for p in prompts] + list(vocab.PRETRAIN_SUFFIXES)
+    seen = {w for p in pretrain_prompts for w in tok.tokenize(p.format(**fields()))}
+    templates = [*vocab.VQA_QUESTIONS.values(), vocab.CLASSIFY_QUESTION, vocab.GENERATE_INSTRUCTION, vocab.OCR_QUESTION,
+                 vocab.OCR_COLOR_QUESTION, vocab.GROUNDING_QUESTION, *vocab.EDIT_INSTRUCTIONS.values()]
+    unseen = {t: sorted(set(tok.tokenize(t.format(**fields()))) - seen) for t in templates for _ in range(5)}
+    assert not {t: words for t, words in unseen.items() if words}
+
+
 @pytest.mark.parametrize("skill", SKILLS)
 def test_every_skill_draws(skill):
     import random

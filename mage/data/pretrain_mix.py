@@ -26,6 +26,11 @@ verify, corners, remove and add give the base the answer formats a real MLLM bri
 a box, an image changed by an instruction) in other words and compositions than the tasks': without
 them the base has never written "yes" or a box, and the first task that needs one (VQAv2's "Is there
 ...?", RefCOCO) must build the format from nothing, a large change that its LoRA applies to every prompt.
+
+Every word of every task prompt ("Is", "Where", "objects", "written", "provide", ...) is also a word of
+some pretraining prompt, in another sentence: the continual phase freezes the token embeddings, so a
+word the base never read would keep its random init, and the base could not tell what a question
+starting with it asks (tests/test_pretrain.py checks the vocabulary).
 """
 from __future__ import annotations
 

@@ -71,27 +71,38 @@ EDIT_INSTRUCTIONS = {
 PROMPT_TEMPLATE = "[INST] {instruction} [/INST]\n"
 
 # The base model's pretraining mixture (mage.data.pretrain_mix): general skills, each asked in a few
-# phrasings (so the base learns the question, not one template), never a task prompt.
+# phrasings (so the base learns the question, not one template), never a task prompt. Between them they
+# use every word of the task prompts, in other sentences: the continual phase freezes the embeddings, so
+# a word the base never read would stay at its random init (tests/test_pretrain.py).
 PRETRAIN_PROMPTS = {
     "describe": ("Describe the image.", "Describe the picture."),  # -> "a red circle at the top left and ..."
-    "count": ("Count the shapes.", "How many shapes are there?", "Count the things in the picture."),  # -> "2"
+    "count": ("Count the shapes.", "How many shapes are there?", "Count the things in the picture.",
+              "How many objects do you see?"),  # -> "2"
     "locate": ("Which part of the picture is the {color} {shape} in?", "In which part is the {color} {shape}?",
-               "Find the {color} {shape}."),                                           # -> "top left"
-    "name": ("Name the {color} thing.", "Which shape is {color}?", "What is the {color} thing?"),  # -> "circle"
-    "color": ("Which color is the {shape}?", "Name the color of the {shape}."),         # -> "red"
-    "classify": ("Which object is this?", "Name the object."),                           # -> "star"
-    "read": ("Read the digits.", "Which number is shown?", "Read the number in the picture."),  # -> "47"
+               "Find the {color} {shape}.", "Where in the picture is the {color} {shape}?"),  # -> "top left"
+    "name": ("Name the {color} thing.", "Which shape is {color}?", "What is the {color} thing?",
+             "Which one is {color}?"),  # -> "circle"
+    "color": ("Which color is the {shape}?", "Name the color of the {shape}."),  # -> "red"
+    "classify": ("Which object is this?", "Name the object."),  # -> "star"
+    "read": ("Read the digits.", "Which number is shown?", "Read the number in the picture.", "Read the text.",
+             "What number is written here?"),  # -> "47"
     "point": ("Give the center of the {color} {shape}.", "Point to the {color} {shape}."),  # -> "[0.50,0.17]"
-    "draw": ("Draw {description}.", "Paint {description}."),                             # -> image
-    "copy": ("Copy the picture.", "Repeat the picture."),                                 # image -> the same image
-    "verify": ("Does the picture show {article} {color} {shape}?", "Can you see {article} {color} {shape}?"),  # -> "yes"
-    "corners": ("Give the corners of the {color} {shape}.", "Outline the {color} {shape}."),  # -> "[0.17,0.33,0.45,0.61]"
-    "remove": ("Remove the {color} {shape}.", "Take away the {color} {shape}."),          # image -> image without it
-    "add": ("Add {description}.", "Put {description} in the picture."),                   # image -> image with it
+    "draw": ("Draw {description}.", "Paint {description}.", "Please draw {description}.",
+             "Can you generate {description}?"),  # -> image
+    "copy": ("Copy the picture.", "Repeat the picture.", "Please turn the picture into a copy."),  # image -> same image
+    "verify": ("Does the picture show {article} {color} {shape}?", "Can you see {article} {color} {shape}?",
+               "Is {article} {color} {shape} in the picture?"),  # -> "yes"
+    "corners": ("Give the corners of the {color} {shape}.", "Outline the {color} {shape}.",
+                "Can you provide the box around the {color} {shape}?"),  # -> "[0.17,0.33,0.45,0.61]"
+    "remove": ("Remove the {color} {shape}.", "Take away the {color} {shape}.",
+               "Please make the {color} {shape} disappear."),  # image -> image without it
+    "add": ("Add {description}.", "Put {description} in the picture.",
+            "Please move {description} into the picture."),  # image -> image with it
 }
 # Answer-format hints a real MLLM meets in its instruction data, appended to one text prompt in three
 # (never the tasks' own "Answer with one word."), so the base follows a question whatever its tail.
-PRETRAIN_SUFFIXES = ("Answer briefly.", "Use a single word or phrase.", "Reply in a few words.")
+PRETRAIN_SUFFIXES = ("Answer briefly.", "Use a single word or phrase.", "Reply in a few words.",
+                     "Reply with a single word.")
 PRETRAIN_DESCRIBE_OBJECT = "{article} {color} {shape} at the {position}"
 PRETRAIN_DESCRIBE_CLASS = "{article} {color} {cls}"           # an ImageNet-class drawing, described
 PRETRAIN_TEXTS = (PRETRAIN_DESCRIBE_OBJECT, PRETRAIN_DESCRIBE_CLASS, *PRETRAIN_SUFFIXES,

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from mage.data import vocab
 from mage.data.collate import collate
 from mage.data.images import ImageConfig
 from mage.data.pretrain_mix import SKILL_WEIGHTS, SKILLS, VISION_HEADS, pretrain_examples
@@ -53,9 +54,11 @@ class PretrainConfig:
 
 
 def base_key(cfg: PretrainConfig, tokenizer) -> str:
-    """What the base depends on: the model sizes, the vocabulary, the mixture and the recipe."""
+    """What the base depends on: the model sizes, the vocabulary, the mixture (its skills and prompts) and the recipe."""
+    prompts = [vocab.PRETRAIN_PROMPTS, vocab.PRETRAIN_SUFFIXES, vocab.PRETRAIN_DESCRIBE_OBJECT, vocab.PRETRAIN_DESCRIBE_CLASS]
     blob = json.dumps({"model": dataclasses.asdict(get_config("tiny")), "vocab": sorted(tokenizer.get_vocab().items()),
-                       "skills": [SKILLS, SKILL_WEIGHTS, VISION_HEADS], "pretrain": dataclasses.asdict(cfg),
+                       "skills": [SKILLS, SKILL_WEIGHTS, VISION_HEADS], "prompts": prompts,
+                       "pretrain": dataclasses.asdict(cfg),
                        "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
