@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         data_root(runs, k)  # before the workers start: two runs never write the same data
     todo = [g for g in grid if scores(run_folder(runs, *g)) is None]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
+    def write() -> None:  # after every finished run: a cut-off study keeps what it measured
+        rows = [r for g in grid if (r := row(run_folder(runs, *g), *g, commit, machine)) is not None]
+        write_results(out, rows, command.strip(), commit, machine)
+
     failures = []
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         futures = {pool.submit(train_one, runs, *g, a.set): g for g in todo}
@@ -141,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             except RuntimeError as exc:  # the others go on; the failed one is rerun next time
                 failures.append(str(exc))
                 print(f"FAILED: {exc}", flush=True)
-    rows = [r for g in grid if (r := row(run_folder(runs, *g), *g, commit, machine)) is not None]
-    write_results(out, rows, command.strip(), commit, machine)
+            write()
+    write()
     print(f"results: {out.with_suffix('.md')}")
     if failures:
         raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))
