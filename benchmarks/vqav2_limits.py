@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         data_root(runs, k)  # before the workers start: two runs never write the same data
     todo = [g for g in grid if scores(run_folder(runs, *g)) is None]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
+
     def write() -> None:  # after every finished run: a cut-off study keeps what it measured
         rows = [r for g in grid if (r := row(run_folder(runs, *g), *g, commit, machine)) is not None]
         write_results(out, rows, command.strip(), commit, machine)
