@@ -130,6 +130,26 @@ def run_train(args: list[str], folder: Path, what: str) -> float:
     return minutes
 
 
+def run_all(todo: list[tuple], jobs: int, run, label, write, results: Path) -> None:
+    """`run(*item)` (wall minutes) for each item of TODO, JOBS at a time, each line printed as it ends;
+    `write()` after every finished run (a cut-off table keeps what it measured) and once more at the end.
+    A failed run does not stop the others; it is rerun next time, and the failures end the program."""
+    failures = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run, *item): item for item in todo}
+        for fut in as_completed(futures):
+            try:
+                print(f"done: {label(futures[fut])} ({fut.result():.1f} min)", flush=True)
+            except RuntimeError as exc:
+                failures.append(str(exc))
+                print(f"FAILED: {exc}", flush=True)
+            write()
+    write()
+    print(f"results: {results}")
+    if failures:
+        raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))
+
+
 def run_one(method: str, order: str, seed: int, runs: Path, sets: list[str], config: str) -> tuple[Path, float]:
     """One train.py run (resumed if it was interrupted); returns its folder and wall minutes."""
     folder = run_dir(runs, method, order, seed)
@@ -427,22 +447,8 @@ def main(argv: list[str] | None = None) -> None:
                          "\n  ".join(stale) + "\nUse another --runs-dir, or delete those folders to rerun them.")
     print(f"{len(todo)} runs to do ({len(methods) * len(orders) * len(seeds) - len(todo)} already finished), "
           f"{a.jobs} at a time; run folders in {runs}", flush=True)
-    failures = []
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        futures = {pool.submit(run_one, m, o, s, runs, a.set, a.config): (m, o, s) for m, o, s in todo}
-        for fut in as_completed(futures):
-            m, o, s = futures[fut]
-            try:
-                _, minutes = fut.result()
-                print(f"done: {m} {o} seed {s} ({minutes:.1f} min)", flush=True)
-            except RuntimeError as exc:
-                failures.append(str(exc))
-                print(f"FAILED: {exc}", flush=True)
-            write_all()
-    write_all()
-    print(f"results: {results / f'continual_{a.name}.md'}")
-    if failures:
-        raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))
+    run_all(todo, a.jobs, lambda m, o, s: run_one(m, o, s, runs, a.set, a.config)[1],
+            lambda item: f"{item[0]} {item[1]} seed {item[2]}", write_all, results / f"continual_{a.name}.md")
 
 
 if __name__ == "__main__":

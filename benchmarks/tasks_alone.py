@@ -20,13 +20,12 @@ import csv
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from continual_table import machine_name, mean_std, run_train  # noqa: E402
+from continual_table import machine_name, mean_std, run_all, run_train  # noqa: E402
 
 from mage.data.tasks import TASK_NAMES, get_task  # noqa: E402
 from mage.provenance import git_commit  # noqa: E402
@@ -108,20 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     commit, machine = git_commit(), machine_name()
     todo = [g for g in grid if scores(run_folder(runs, *g)) is None]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
-    failures = []
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        futures = {pool.submit(run_one, *g, runs, a.set): g for g in todo}
-        for fut in as_completed(futures):
-            try:
-                print(f"done: {' '.join(map(str, futures[fut]))} ({fut.result():.1f} min)", flush=True)
-            except RuntimeError as exc:
-                failures.append(str(exc))
-                print(f"FAILED: {exc}", flush=True)
-            write_results(out, runs, grid, command.strip(), commit, machine)
-    write_results(out, runs, grid, command.strip(), commit, machine)
-    print(f"results: {out.with_suffix('.md')}")
-    if failures:
-        raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))
+    run_all(todo, a.jobs, lambda *g: run_one(*g, runs, a.set), lambda g: " ".join(map(str, g)),
+            lambda: write_results(out, runs, grid, command.strip(), commit, machine), out.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ import json
 import os
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from answers_by_question import answer_task, load_tensors_, open_run  # noqa: E402
-from continual_table import machine_name, mean_std, run_train  # noqa: E402
+from continual_table import machine_name, mean_std, run_all, run_train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tasks_alone import scores  # noqa: E402
 
@@ -132,25 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     todo = [g for g in grid if scores(run_folder(runs, *g)) is None]
     print(f"{len(todo)} runs to do ({len(grid) - len(todo)} already finished), {a.jobs} at a time", flush=True)
 
-    def write() -> None:  # after every finished run: a cut-off study keeps what it measured
+    def write() -> None:
         rows = [r for g in grid if (r := row(run_folder(runs, *g), *g, commit, machine)) is not None]
         write_results(out, rows, command.strip(), commit, machine)
 
-    failures = []
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        futures = {pool.submit(train_one, runs, *g, a.set): g for g in todo}
-        for fut in as_completed(futures):
-            try:
-                print(f"done: objects {futures[fut][0]} lr {futures[fut][1]} seed {futures[fut][2]} "
-                      f"({fut.result():.1f} min)", flush=True)
-            except RuntimeError as exc:  # the others go on; the failed one is rerun next time
-                failures.append(str(exc))
-                print(f"FAILED: {exc}", flush=True)
-            write()
-    write()
-    print(f"results: {out.with_suffix('.md')}")
-    if failures:
-        raise SystemExit("some runs failed:\n  " + "\n  ".join(failures))
+    run_all(todo, a.jobs, lambda *g: train_one(runs, *g, a.set), lambda g: f"objects {g[0]} lr {g[1]} seed {g[2]}",
+            write, out.with_suffix(".md"))
 
 
 if __name__ == "__main__":
