@@ -69,6 +69,9 @@ EDIT_INSTRUCTIONS = {
     "move": "move the {shape} to the {position}",
 }
 PROMPT_TEMPLATE = "[INST] {instruction} [/INST]\n"
+# Every prompt template of the six tasks: what no pretraining prompt may be, and whose every word it must use.
+TASK_PROMPTS = (*VQA_QUESTIONS.values(), CLASSIFY_QUESTION, GENERATE_INSTRUCTION, OCR_QUESTION, OCR_COLOR_QUESTION,
+                GROUNDING_QUESTION, GROUNDING_WHERE_QUESTION, *EDIT_INSTRUCTIONS.values())
 
 # The base model's pretraining mixture (mage.data.pretrain_mix): general skills, each asked in a few
 # phrasings (so the base learns the question, not one template), never a task prompt. Between them they
