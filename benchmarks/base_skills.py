@@ -37,16 +37,17 @@ TEXT_SKILLS = tuple(s for s in SKILLS if s not in IMAGE_SKILLS)
 
 @torch.no_grad()
 def skill_accuracy(model, skill: str, n: int, seed: int = 0, batch_size: int = 100,
-                   answers_seen: collections.Counter | None = None) -> tuple[float, list[tuple]]:
+                   answers_seen: collections.Counter | None = None, draw=draw_skill) -> tuple[float, list[tuple]]:
     """Percent of n fresh examples answered exactly; and the first few (prompt, answer, reference).
     ``answers_seen`` (optional) counts every answer given: a base that writes the skill's format without
-    the skill gives one answer to everything."""
+    the skill gives one answer to everything. ``draw(rng, skill, size)`` draws an example (default: the
+    pretraining mixture's)."""
     cfg, rng = ImageConfig.tiny(), random.Random(f"skills-{seed}-{skill}")
     right, shown = 0, []
     for start in range(0, n, batch_size):
         examples, references = [], []
         for i in range(start, min(n, start + batch_size)):
-            instruction, answer, image, _ = draw_skill(rng, skill, cfg.size)
+            instruction, answer, image, _ = draw(rng, skill, cfg.size)
             views, positions = image_views(image, cfg)
             examples.append(Example(task_id=-1, example_id=f"{skill}/{i}", turns=[(instruction, answer)],
                                     output_image=False, views=views, positions=positions, target=None))

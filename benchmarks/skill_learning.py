@@ -1,0 +1,129 @@
+"""How fast the base's LLM learns one skill of the pretraining mixture when trained on it alone.
+
+    python benchmarks/skill_learning.py --skill verify --steps 1500 --lr 3e-3 --one-object
+    python benchmarks/skill_learning.py --skill verify --steps 300 --lr 1e-3 --text-rule      # the control
+    python benchmarks/skill_learning.py --skill name --steps 300 --lr 1e-3
+
+Starts from the base the mini preset uses and trains what stage 2 of the pretraining trains (everything
+but the ViT and the input resampler) on fresh examples of one skill, batch 16, AdamW without weight decay.
+Every --eval-every steps it prints the training loss and the exact-match accuracy on 200 fresh examples
+(`base_skills.skill_accuracy`), and appends the row to benchmarks/results/skill_learning.csv.
+
+It asks why the base answers "Is there a red circle ...?" at chance (docs/RESULTS.md, "What keeps VQAv2
+below 60"): whether the LLM cannot learn to compare a word of the question with what it sees, or only
+learns it slowly. Two verify variants separate the parts:
+- --one-object: scenes of one shape, so "yes" needs only the one object's colour and shape to be those
+  of the question; a "no" asks for a pair the scene does not hold, as in the mixture.
+- --text-rule: the answer follows from the question alone ("yes" if its colour is one of the first four
+  of `vocab.COLORS`), the same prompts and images: a control for learning the yes/no format at all.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's mage, not an installed one
+
+from base_skills import TEXT_SKILLS, skill_accuracy  # noqa: E402
+from continual_table import machine_name  # noqa: E402
+
+from mage.data import vocab  # noqa: E402
+from mage.data.collate import Example, collate  # noqa: E402
+from mage.data.images import ImageConfig, image_views  # noqa: E402
+from mage.data.mini import absent_shape_color, random_scene, render_objects  # noqa: E402
+from mage.data.pretrain_mix import draw_skill  # noqa: E402
+from mage.model.build import build_model  # noqa: E402
+from mage.model.pretrain import load_base_, resolve_base  # noqa: E402
+from mage.provenance import append_csv_rows, git_commit  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "skill_learning.csv"
+YES_COLORS = tuple(vocab.COLORS)[:4]  # --text-rule: "yes" exactly for these colours
+
+
+def verify_drawer(one_object: bool, text_rule: bool):
+    """A `draw(rng, skill, size)` for verify with the variant's scenes and answers."""
+    def draw(rng: random.Random, skill: str, size: int):
+        objs = random_scene(rng, size, 1 if one_object else None)
+        s, col = rng.choice(objs)[:2]
+        if text_rule:
+            s, col = rng.choice(vocab.SHAPES), rng.choice(tuple(vocab.COLORS))
+            answer = "yes" if col in YES_COLORS else "no"
+        elif rng.random() < 0.5:
+            answer = "yes"
+        else:
+            (s, col), answer = absent_shape_color(rng, objs), "no"
+        prompt = rng.choice(vocab.PRETRAIN_PROMPTS["verify"]).format(article=vocab.article(col), color=col, shape=s)
+        return prompt, answer, render_objects(objs, size), None
+    return draw
+
+
+def batch_of(draw, rng: random.Random, skill: str, n: int, model, cfg: ImageConfig) -> dict:
+    examples = []
+    for i in range(n):
+        instruction, answer, image, _ = draw(rng, skill, cfg.size)
+        views, positions = image_views(image, cfg)
+        examples.append(Example(task_id=-1, example_id=f"{skill}/{i}", turns=[(instruction, answer)],
+                                output_image=False, views=views, positions=positions, target=None))
+    return collate(examples, model.tokenizer, cfg, mode="train")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--skill", default="verify", choices=TEXT_SKILLS)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--one-object", action="store_true", help="verify only: scenes of one shape")
+    p.add_argument("--text-rule", action="store_true", help="verify only: the answer follows from the question")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-csv", action="store_true")
+    a = p.parse_args(argv)
+    if (a.one_object or a.text_rule) and a.skill != "verify":
+        p.error("--one-object and --text-rule are variants of --skill verify")
+    variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule)) if on) or "mixture"
+    draw = verify_drawer(a.one_object, a.text_rule) if a.skill == "verify" else draw_skill
+
+    torch.manual_seed(a.seed)
+    model = build_model("tiny")
+    load_base_(model, resolve_base(0, model.tokenizer))
+    params = [q for n, q in model.named_parameters() if not n.startswith(("visual_encoder.", "input_resampler."))]
+    model.requires_grad_(False)
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    cfg, rng = ImageConfig.tiny(), random.Random(f"skill-learning-{a.seed}")
+    common = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
+              "machine": machine_name(), "skill": a.skill, "variant": variant, "lr": a.lr, "batch_size": a.batch_size,
+              "seed": a.seed}
+    rows, t0, loss = [], time.time(), float("nan")
+    for step in range(a.steps + 1):
+        if step % a.eval_every == 0 or step == a.steps:
+            model.eval()
+            acc, _ = skill_accuracy(model, a.skill, 200, seed=1000 + a.seed, draw=draw)
+            rows.append({**common, "step": step, "train_loss": round(loss, 4), "accuracy": round(acc, 1),
+                         "seconds": round(time.time() - t0)})
+            print(f"{a.skill} ({variant}) step {step:5d}  loss {loss:.3f}  accuracy {acc:5.1f}", flush=True)
+            model.train()
+        if step == a.steps:
+            break
+        out = model(batch_of(draw, rng, a.skill, a.batch_size, model, cfg))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % a.eval_every == 0:
+            loss = out.loss.item()  # .item() on evaluation steps only
+    if not a.no_csv:
+        append_csv_rows(RESULTS, list(rows[0]), rows)
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
