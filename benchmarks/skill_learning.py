@@ -74,7 +74,7 @@ def batch_of(draw, rng: random.Random, skill: str, n: int, model, cfg: ImageConf
     return collate(examples, model.tokenizer, cfg, mode="train")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skill", default="verify", choices=TEXT_SKILLS)
     p.add_argument("--steps", type=int, default=300)
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.no_csv:
         append_csv_rows(RESULTS, list(rows[0]), rows)
         print(f"appended to {RESULTS}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""benchmarks/skill_learning.py: its verify variants draw what they say, and a short run trains and scores."""
+import random
+
+from mage.data import vocab
+from mage.data.mini import render_objects
+from tests.benchmark_modules import load_benchmark
+
+skill_learning = load_benchmark("skill_learning")
+
+
+def _asked(prompt):
+    words = prompt.rstrip("?").split()
+    return next(w for w in words if w in vocab.COLORS), next(w for w in words if w in vocab.SHAPES)
+
+
+def test_one_object_verify_says_yes_exactly_for_the_pair_in_the_scene(monkeypatch):
+    scenes = []
+    real = skill_learning.render_objects
+    monkeypatch.setattr(skill_learning, "render_objects", lambda objs, size: scenes.append(objs) or real(objs, size))
+    draw, rng = skill_learning.verify_drawer(one_object=True, text_rule=False), random.Random(0)
+    answers = []
+    for _ in range(200):
+        prompt, answer, image, target = draw(rng, "verify", 112)
+        (shape, color, *_), = scenes[-1]  # one object
+        assert answer == ("yes" if _asked(prompt) == (color, shape) else "no")
+        assert target is None and image.size == (112, 112)
+        answers.append(answer)
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+
+
+def test_text_rule_answers_from_the_question_alone():
+    draw, rng = skill_learning.verify_drawer(one_object=False, text_rule=True), random.Random(1)
+    answers = []
+    for _ in range(200):
+        prompt, answer, _, _ = draw(rng, "verify", 112)
+        assert answer == ("yes" if _asked(prompt)[0] in skill_learning.YES_COLORS else "no")
+        answers.append(answer)
+    assert {"yes", "no"} == set(answers)
+
+
+def test_mixture_verify_never_says_yes_to_an_absent_pair(monkeypatch):
+    scenes = []
+    real = skill_learning.render_objects
+    monkeypatch.setattr(skill_learning, "render_objects", lambda objs, size: scenes.append(objs) or real(objs, size))
+    draw, rng = skill_learning.verify_drawer(one_object=False, text_rule=False), random.Random(2)
+    sizes = set()
+    for _ in range(200):
+        prompt, answer, _, _ = draw(rng, "verify", 112)
+        present = {(o[1], o[0]) for o in scenes[-1]}
+        sizes.add(len(scenes[-1]))
+        assert (answer == "yes") == (_asked(prompt) in present)
+    assert sizes == {1, 2, 3}
+
+
+def test_a_short_run_trains_and_scores_every_eval_step():
+    rows = skill_learning.main(["--skill", "verify", "--steps", "2", "--eval-every", "1", "--text-rule", "--no-csv"])
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(0 <= r["accuracy"] <= 100 for r in rows) and rows[-1]["variant"] == "text-rule"
+    assert rows[-1]["train_loss"] > 0
+
+
+def test_variants_are_refused_for_other_skills(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        skill_learning.main(["--skill", "name", "--one-object"])
+    assert "variants of --skill verify" in capsys.readouterr().err
