@@ -35,6 +35,19 @@ RESULTS = REPO / "benchmarks" / "results" / "base_skills.csv"
 TEXT_SKILLS = tuple(s for s in SKILLS if s not in IMAGE_SKILLS)
 
 
+def skill_examples(rng: random.Random, skill: str, first: int, stop: int, cfg: ImageConfig,
+                   draw=draw_skill) -> tuple[list[Example], list[str]]:
+    """Examples first..stop-1 of a skill, drawn from ``rng`` by ``draw(rng, skill, size)``, and their answers."""
+    examples, references = [], []
+    for i in range(first, stop):
+        instruction, answer, image, _ = draw(rng, skill, cfg.size)
+        views, positions = image_views(image, cfg)
+        examples.append(Example(task_id=-1, example_id=f"{skill}/{i}", turns=[(instruction, answer)],
+                                output_image=False, views=views, positions=positions, target=None))
+        references.append(answer)
+    return examples, references
+
+
 @torch.no_grad()
 def skill_accuracy(model, skill: str, n: int, seed: int = 0, batch_size: int = 100,
                    answers_seen: collections.Counter | None = None, draw=draw_skill) -> tuple[float, list[tuple]]:
@@ -45,13 +58,7 @@ def skill_accuracy(model, skill: str, n: int, seed: int = 0, batch_size: int = 1
     cfg, rng = ImageConfig.tiny(), random.Random(f"skills-{seed}-{skill}")
     right, shown = 0, []
     for start in range(0, n, batch_size):
-        examples, references = [], []
-        for i in range(start, min(n, start + batch_size)):
-            instruction, answer, image, _ = draw(rng, skill, cfg.size)
-            views, positions = image_views(image, cfg)
-            examples.append(Example(task_id=-1, example_id=f"{skill}/{i}", turns=[(instruction, answer)],
-                                    output_image=False, views=views, positions=positions, target=None))
-            references.append(answer)
+        examples, references = skill_examples(rng, skill, start, min(n, start + batch_size), cfg, draw)
         answers = model.generate_text(collate(examples, model.tokenizer, cfg, mode="generate"), 32)
         right += sum(a.strip() == r for a, r in zip(answers, references))
         if answers_seen is not None:

@@ -11,7 +11,9 @@ Every --eval-every steps it prints the training loss and the exact-match accurac
 
 It asks why the base answers "Is there a red circle ...?" at chance (docs/RESULTS.md, "What keeps VQAv2
 below 60"): whether the LLM cannot learn to compare a word of the question with what it sees, or only
-learns it slowly. Two verify variants separate the parts:
+learns it slowly. --skill verify always draws with `verify_drawer`: the mixture's verify prompts and
+answers on scenes of 1-3 shapes (VQAv2's), without the mixture's answer-format suffixes or its extra share
+of one-shape scenes (its rows say variant "mixture"). Two variants separate the parts:
 - --one-object: scenes of one shape, so "yes" needs only the one object's colour and shape to be those
   of the question; a "no" asks for a pair the scene does not hold, as in the mixture.
 - --text-rule: the answer follows from the question alone ("yes" if its colour is one of the first four
@@ -31,12 +33,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's mage, not an installed one
 
-from base_skills import TEXT_SKILLS, skill_accuracy  # noqa: E402
+from base_skills import TEXT_SKILLS, skill_accuracy, skill_examples  # noqa: E402
 from continual_table import machine_name  # noqa: E402
 
 from mage.data import vocab  # noqa: E402
-from mage.data.collate import Example, collate  # noqa: E402
-from mage.data.images import ImageConfig, image_views  # noqa: E402
+from mage.data.collate import collate  # noqa: E402
+from mage.data.images import ImageConfig  # noqa: E402
 from mage.data.mini import absent_shape_color, random_scene, render_objects  # noqa: E402
 from mage.data.pretrain_mix import draw_skill  # noqa: E402
 from mage.model.build import build_model  # noqa: E402
@@ -62,16 +64,6 @@ def verify_drawer(one_object: bool, text_rule: bool):
         prompt = rng.choice(vocab.PRETRAIN_PROMPTS["verify"]).format(article=vocab.article(col), color=col, shape=s)
         return prompt, answer, render_objects(objs, size), None
     return draw
-
-
-def batch_of(draw, rng: random.Random, skill: str, n: int, model, cfg: ImageConfig) -> dict:
-    examples = []
-    for i in range(n):
-        instruction, answer, image, _ = draw(rng, skill, cfg.size)
-        views, positions = image_views(image, cfg)
-        examples.append(Example(task_id=-1, example_id=f"{skill}/{i}", turns=[(instruction, answer)],
-                                output_image=False, views=views, positions=positions, target=None))
-    return collate(examples, model.tokenizer, cfg, mode="train")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -114,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             model.train()
         if step == a.steps:
             break
-        out = model(batch_of(draw, rng, a.skill, a.batch_size, model, cfg))
+        examples, _ = skill_examples(rng, a.skill, 0, a.batch_size, cfg, draw)
+        out = model(collate(examples, model.tokenizer, cfg, mode="train"))
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
