@@ -3,6 +3,7 @@
     python benchmarks/skill_learning.py --skill verify --steps 1500 --lr 3e-3 --one-object
     python benchmarks/skill_learning.py --skill verify --steps 300 --lr 1e-3 --text-rule      # the control
     python benchmarks/skill_learning.py --skill name --steps 300 --lr 1e-3
+    python benchmarks/skill_learning.py --skill verify --one-object --fresh-llm --llm-layers 4   # a deeper LLM
 
 Starts from the base the mini preset uses and trains what stage 2 of the pretraining trains (everything
 but the ViT and the input resampler) on fresh examples of one skill, batch 16, AdamW without weight decay.
@@ -18,10 +19,13 @@ of one-shape scenes (its rows say variant "mixture"). Two variants separate the 
   of the question; a "no" asks for a pair the scene does not hold, as in the mixture.
 - --text-rule: the answer follows from the question alone ("yes" if its colour is one of the first four
   of `vocab.COLORS`), the same prompts and images: a control for learning the yes/no format at all.
+--fresh-llm keeps the base's ViT and resamplers and starts the LLM from random weights, with
+--llm-layers layers (default the tiny preset's): whether depth, not the base's pretraining, sets the pace.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import random
 import sys
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's mage, not an installed one
@@ -42,6 +47,7 @@ from mage.data.images import ImageConfig  # noqa: E402
 from mage.data.mini import absent_shape_color, random_scene, render_objects  # noqa: E402
 from mage.data.pretrain_mix import draw_skill  # noqa: E402
 from mage.model.build import build_model  # noqa: E402
+from mage.model.config import get_config  # noqa: E402
 from mage.model.pretrain import load_base_, resolve_base  # noqa: E402
 from mage.provenance import append_csv_rows, git_commit  # noqa: E402
 
@@ -66,6 +72,23 @@ def verify_drawer(one_object: bool, text_rule: bool):
     return draw
 
 
+def build_learner(fresh_llm: bool, llm_layers: int | None):
+    """The tiny model from its base; with ``fresh_llm`` its LLM (``llm_layers`` deep) keeps its random weights."""
+    config = get_config("tiny")
+    if llm_layers is not None:
+        config = config.replace(llm=dataclasses.replace(config.llm, num_layers=llm_layers))
+    model = build_model("tiny", config=config)
+    path = resolve_base(0, model.tokenizer)
+    if not fresh_llm:
+        load_base_(model, path)  # checks every key: a base exists for the preset's depth only
+        return model
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("llm.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("llm.") for k in missing):
+        raise ValueError(f"{path} does not fit this model outside its LLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skill", default="verify", choices=TEXT_SKILLS)
@@ -75,17 +98,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--one-object", action="store_true", help="verify only: scenes of one shape")
     p.add_argument("--text-rule", action="store_true", help="verify only: the answer follows from the question")
+    p.add_argument("--fresh-llm", action="store_true", help="the LLM from random weights (ViT, resamplers from the base)")
+    p.add_argument("--llm-layers", type=int, default=None, help="with --fresh-llm: the LLM's depth (default the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
     if (a.one_object or a.text_rule) and a.skill != "verify":
         p.error("--one-object and --text-rule are variants of --skill verify")
+    if a.llm_layers is not None and (not a.fresh_llm or a.llm_layers < 1):
+        p.error("--llm-layers N (N >= 1) needs --fresh-llm: the base exists for the tiny preset's depth only")
     variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule)) if on) or "mixture"
     draw = verify_drawer(a.one_object, a.text_rule) if a.skill == "verify" else draw_skill
 
     torch.manual_seed(a.seed)
-    model = build_model("tiny")
-    load_base_(model, resolve_base(0, model.tokenizer))
+    model = build_learner(a.fresh_llm, a.llm_layers)
+    llm = f"fresh-{model.config.llm.num_layers}-layers" if a.fresh_llm else "base"
     params = [q for n, q in model.named_parameters() if not n.startswith(("visual_encoder.", "input_resampler."))]
     model.requires_grad_(False)
     for q in params:
@@ -93,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     cfg, rng = ImageConfig.tiny(), random.Random(f"skill-learning-{a.seed}")
     common = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
-              "machine": machine_name(), "skill": a.skill, "variant": variant, "lr": a.lr, "batch_size": a.batch_size,
+              "machine": machine_name(), "skill": a.skill, "variant": variant, "llm": llm, "lr": a.lr, "batch_size": a.batch_size,
               "seed": a.seed}
     rows, t0, loss = [], time.time(), float("nan")
     for step in range(a.steps + 1):
@@ -102,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             acc, _ = skill_accuracy(model, a.skill, 200, seed=1000 + a.seed, draw=draw)
             rows.append({**common, "step": step, "train_loss": round(loss, 4), "accuracy": round(acc, 1),
                          "seconds": round(time.time() - t0)})
-            print(f"{a.skill} ({variant}) step {step:5d}  loss {loss:.3f}  accuracy {acc:5.1f}", flush=True)
+            print(f"{a.skill} ({variant}, {llm} LLM) step {step:5d}  loss {loss:.3f}  accuracy {acc:5.1f}", flush=True)
             model.train()
         if step == a.steps:
             break

@@ -64,3 +64,27 @@ def test_variants_are_refused_for_other_skills(capsys):
     with pytest.raises(SystemExit):
         skill_learning.main(["--skill", "name", "--one-object"])
     assert "variants of --skill verify" in capsys.readouterr().err
+
+
+def test_fresh_llm_keeps_the_bases_vision_and_draws_a_new_llm_of_the_depth_asked():
+    import torch
+    from safetensors.torch import load_file
+    from mage.model.pretrain import resolve_base
+
+    torch.manual_seed(0)
+    model = skill_learning.build_learner(fresh_llm=True, llm_layers=3)
+    base = load_file(str(resolve_base(0, model.tokenizer)))
+    own = model.state_dict()
+    assert model.config.llm.num_layers == 3 and any(".layers.2." in k for k in own)
+    for k in ("patch_pos_embed", "visual_encoder.proj", "input_resampler.query"):
+        keys = [n for n in base if n.startswith(k)]
+        assert keys and all(torch.equal(own[n], base[n]) for n in keys), k
+    emb = "llm.model.embed_tokens.weight"
+    assert own[emb].shape == base[emb].shape and not torch.allclose(own[emb], base[emb])
+
+
+def test_llm_layers_needs_a_fresh_llm(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        skill_learning.main(["--llm-layers", "4"])
+    assert "needs --fresh-llm" in capsys.readouterr().err
