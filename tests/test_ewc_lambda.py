@@ -20,7 +20,7 @@ def data_root(tmp_path_factory):
 
 
 def _ratios(data_root, out, lam, steps=12):
-    # The mini preset's optimiser (lr 3e-3, clip 1, AdamW), random-init tiny model, seed 7 (not a table seed).
+    # The mini preset's optimiser (its lr, clip 1, AdamW), random-init tiny model, seed 7 (not a table seed).
     cfg = load_config("mini", {"data.root": str(data_root), "data.tasks": "vqav2,imagenet", "run.out_dir": str(out),
                                "method.name": "ewc", "method.ewc_lambda": lam, "method.ewc_samples": 16,
                                "model.base": "", "train.seed": 7, "train.steps_per_task": steps,
