@@ -147,6 +147,20 @@ def test_a_finished_run_with_other_settings_is_reported_not_reused(table, tmp_pa
     assert any(d.startswith("optim.lr: 0.001") for d in diffs)
 
 
+def test_another_methods_knob_does_not_make_a_finished_run_stale(table, tmp_path):
+    """MAGE's horizon changed in the preset: a finished lora run is still this table's, a mage run is not."""
+    from mage.trainer.config import load_config, parse_cli, save_config
+
+    for method in ("lora", "mage:fisher"):
+        folder = table.run_dir(tmp_path, method, "default", 1)
+        folder.mkdir(parents=True)
+        before = table.train_args(method, "default", 1, folder, ["method.pema_horizon=0.5"], "mini")
+        save_config(load_config(*parse_cli(before)), folder / "config.json")
+        after = table.train_args(method, "default", 1, folder, ["method.pema_horizon=2.0"], "mini")
+        diffs = table.stale_settings(folder, after)
+        assert diffs == ([] if method == "lora" else ["method.pema_horizon: 0.5 in the checkpoint, 2.0 now"])
+
+
 def test_rows_of_an_earlier_csv_are_counted_with_their_own_commit(table, tmp_path):
     """--with-rows: seed 1 from an earlier table's CSV (its runs deleted), seed 2 run here."""
     runs = tmp_path / "runs"

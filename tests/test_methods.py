@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
+import re
 
 import pytest
 import torch
 
 from mage import pema
 from mage.lora import iter_multi_lora, set_track_fisher, wrap_llama_lora
-from mage.methods import METHODS, build_method
+from mage.methods import METHODS, build_method, unread_config_fields
 from mage.methods.base import lora_group_params
 from mage.model import build_model
 from mage.trainer.config import MethodConfig, OptimConfig, TrainConfig
@@ -59,6 +62,22 @@ def test_unknown_method_lists_valid_names():
     with pytest.raises(ValueError, match="valid methods: cia, ew, ew_ga, ewc, joint, lae, lora, mage, moelora, pgp, "
                                          "reglora, zero_shot"):
         build_method("mage2", MethodConfig(), tiny_model())
+
+
+SHARED_FIELDS = {"name", "train_non_lora", "train_embeddings", "train_input_resampler"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_field_a_method_reads_is_declared(name):
+    """A run is compared with its checkpoint or an earlier table's run on its declared fields only
+    (`unread_config_fields`); a field read but not declared would let a changed setting pass unnoticed."""
+    cls = METHODS[name]
+    read = set()
+    for klass in cls.__mro__[:-1]:  # the class and its bases, without object
+        read |= set(re.findall(r"\bcfg\.([a-z_]+)", inspect.getsource(klass)))
+    assert read - SHARED_FIELDS <= set(cls.config_fields), (name, read - SHARED_FIELDS - set(cls.config_fields))
+    assert not {f"method.{f}" for f in read} & unread_config_fields(name)
+    assert set(cls.config_fields) <= {f.name for f in dataclasses.fields(MethodConfig)}
 
 
 def test_mage_frozen_groups_bit_identical_and_absent_from_optimizer():

@@ -19,6 +19,14 @@ METHODS: dict[str, type[ContinualMethod]] = {
                 Joint, ZeroShot)}
 
 
+def unread_config_fields(name: str) -> frozenset[str]:
+    """The ``method.*`` config keys that method ``name`` never reads: the other methods' own knobs."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    others = {f for cls in METHODS.values() for f in cls.config_fields} - set(METHODS[name].config_fields)
+    return frozenset(f"method.{f}" for f in others)
+
+
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
     """The method ``name`` on ``model`` (whose LoRA layers are already wrapped), with its MethodConfig."""
     if name not in METHODS:
@@ -26,5 +34,5 @@ def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
     return METHODS[name](cfg, model)
 
 
-__all__ = ["METHODS", "build_method", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
+__all__ = ["METHODS", "build_method", "unread_config_fields", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
            "CIA", "PGP", "MoELoRA", "RegLoRA", "LAE", "Joint", "ZeroShot"]

@@ -116,6 +116,9 @@ class ContinualMethod:
     # How the trainer schedules the tasks: "sequential" (one phase per task, a row after each), "joint"
     # (one phase on all tasks' data mixed, one row) or "none" (no training: the zero-shot row is the result).
     schedule = "sequential"
+    # The MethodConfig fields this method reads besides `name` and the shared train_* switches: a change in
+    # another method's field (say MAGE's pema_horizon) leaves its runs as they were (`unread_config_fields`).
+    config_fields: tuple[str, ...] = ()
 
     def __init__(self, cfg, model: nn.Module):
         self.cfg = cfg

@@ -34,6 +34,7 @@ def ewc_penalty(params: list[torch.Tensor], fishers: list[torch.Tensor], anchors
 
 class EWC(SequentialLoRA):
     name = "ewc"
+    config_fields = ("ewc_lambda", "ewc_samples", "ewc_online")
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

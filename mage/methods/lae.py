@@ -24,6 +24,7 @@ from mage.methods.lae_decoding import MaxOfTwoDecoder
 
 class LAE(SequentialLoRA):
     name = "lae"
+    config_fields = ("lae_momentum",)
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

@@ -28,6 +28,7 @@ from mage.methods.finetune import GroupMasked
 
 class MAGE(GroupMasked):
     name = "mage"
+    config_fields = ("pema_mode", "lam", "beta_min", "beta_max", "fixed_beta", "pema_horizon")
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

@@ -65,6 +65,7 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 class PGP(SequentialLoRA):
     name = "pgp"
+    config_fields = ("pgp_samples", "pgp_tokens_per_example", "pgp_threshold", "pgp_max_basis")
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

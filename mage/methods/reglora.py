@@ -86,6 +86,7 @@ def merge_into_base_(m: MultiLoRALinear, B: torch.Tensor, A: torch.Tensor) -> No
 
 class RegLoRA(SequentialLoRA):
     name = "reglora"
+    config_fields = ("reglora_lambda", "reglora_top_fraction")
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

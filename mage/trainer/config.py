@@ -428,12 +428,16 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
-    """Fields (outside RESUME_FREE_FIELDS) whose values differ between a saved flat config and ``current``."""
+    """Fields whose values differ between a saved flat config and ``current``, outside RESUME_FREE_FIELDS and
+    the other methods' own knobs (``method.ewc_lambda`` does not change a MAGE run)."""
+    from mage.methods import unread_config_fields  # here: mage.methods is heavy and needs no config
+
     now = current.flat()
     defaults = Config().flat()
+    unread = unread_config_fields(current.method.name) if saved.get("method.name") == current.method.name else frozenset()
     diffs = []
     for key in sorted(set(saved) | set(now)):
-        if key in RESUME_FREE_FIELDS:
+        if key in RESUME_FREE_FIELDS or key in unread:
             continue
         if key not in saved and now.get(key) == defaults.get(key):
             continue  # a field added after the checkpoint was written, at its default: same computation
