@@ -4,6 +4,8 @@
     python benchmarks/skill_learning.py --skill verify --steps 300 --lr 1e-3 --text-rule      # the control
     python benchmarks/skill_learning.py --skill name --steps 300 --lr 1e-3
     python benchmarks/skill_learning.py --skill verify --one-object --fresh-llm --llm-layers 4   # a deeper LLM
+    python benchmarks/skill_learning.py --skill verify --one-object --told 1 --eval-told        # the scene in words too
+    python benchmarks/skill_learning.py --skill verify --told 0.5                              # half told, scored on images alone
 
 Starts from the base the mini preset uses and trains what stage 2 of the pretraining trains (everything
 but the ViT and the input resampler) on fresh examples of one skill, batch 16, AdamW without weight decay.
@@ -21,6 +23,11 @@ of one-shape scenes (its rows say variant "mixture"). Two variants separate the 
   of `vocab.COLORS`), the same prompts and images: a control for learning the yes/no format at all.
 --fresh-llm keeps the base's ViT and resamplers and starts the LLM from random weights, with
 --llm-layers layers (default the tiny preset's): whether depth, not the base's pretraining, sets the pace.
+--told P writes the scene in words before the question on a share P of the training examples (the base's
+own describe answer, "a red circle at the top left. Does the picture show ...?"; the image stays): whether
+the plateau is in comparing a word with an image token or in comparing two things at all, and whether
+examples where the comparison is between words help the one with the image. Scoring is on the image alone
+unless --eval-told writes the scene in words on every scored example too.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from mage.data import vocab  # noqa: E402
 from mage.data.collate import collate  # noqa: E402
 from mage.data.images import ImageConfig  # noqa: E402
 from mage.data.mini import absent_shape_color, random_scene, render_objects  # noqa: E402
-from mage.data.pretrain_mix import draw_skill  # noqa: E402
+from mage.data.pretrain_mix import describe_scene, draw_skill  # noqa: E402
 from mage.model.build import build_model  # noqa: E402
 from mage.model.config import get_config  # noqa: E402
 from mage.model.pretrain import load_base_, resolve_base  # noqa: E402
@@ -55,8 +62,9 @@ RESULTS = REPO / "benchmarks" / "results" / "skill_learning.csv"
 YES_COLORS = tuple(vocab.COLORS)[:4]  # --text-rule: "yes" exactly for these colours
 
 
-def verify_drawer(one_object: bool, text_rule: bool):
-    """A `draw(rng, skill, size)` for verify with the variant's scenes and answers."""
+def verify_drawer(one_object: bool, text_rule: bool, told: float = 0.0):
+    """A `draw(rng, skill, size)` for verify with the variant's scenes and answers; a share ``told`` of the
+    prompts starts with the scene in words."""
     def draw(rng: random.Random, skill: str, size: int):
         objs = random_scene(rng, size, 1 if one_object else None)
         s, col = rng.choice(objs)[:2]
@@ -68,6 +76,8 @@ def verify_drawer(one_object: bool, text_rule: bool):
         else:
             (s, col), answer = absent_shape_color(rng, objs), "no"
         prompt = rng.choice(vocab.PRETRAIN_PROMPTS["verify"]).format(article=vocab.article(col), color=col, shape=s)
+        if told and rng.random() < told:
+            prompt = f"{describe_scene(objs, size)}. {prompt}"
         return prompt, answer, render_objects(objs, size), None
     return draw
 
@@ -100,15 +110,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--text-rule", action="store_true", help="verify only: the answer follows from the question")
     p.add_argument("--fresh-llm", action="store_true", help="the LLM from random weights (ViT, resamplers from the base)")
     p.add_argument("--llm-layers", type=int, default=None, help="with --fresh-llm: the LLM's depth (default the preset's)")
+    p.add_argument("--told", type=float, default=0.0, help="verify only: share of training prompts with the scene in words")
+    p.add_argument("--eval-told", action="store_true", help="verify only: score with the scene in words on every prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
-    if (a.one_object or a.text_rule) and a.skill != "verify":
-        p.error("--one-object and --text-rule are variants of --skill verify")
+    if (a.one_object or a.text_rule or a.told or a.eval_told) and a.skill != "verify":
+        p.error("--one-object, --text-rule, --told and --eval-told are variants of --skill verify")
+    if not 0 <= a.told <= 1:
+        p.error(f"--told {a.told}: a share of the training examples, 0 to 1")
     if a.llm_layers is not None and (not a.fresh_llm or a.llm_layers < 1):
         p.error("--llm-layers N (N >= 1) needs --fresh-llm: the base exists for the tiny preset's depth only")
-    variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule)) if on) or "mixture"
-    draw = verify_drawer(a.one_object, a.text_rule) if a.skill == "verify" else draw_skill
+    variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule),
+                                       (f"told-{a.told:g}", a.told), ("eval-told", a.eval_told)) if on) or "mixture"
+    draw = eval_draw = draw_skill
+    if a.skill == "verify":
+        draw = verify_drawer(a.one_object, a.text_rule, a.told)
+        eval_draw = verify_drawer(a.one_object, a.text_rule, 1.0 if a.eval_told else 0.0)
 
     torch.manual_seed(a.seed)
     model = build_learner(a.fresh_llm, a.llm_layers)
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for step in range(a.steps + 1):
         if step % a.eval_every == 0 or step == a.steps:
             model.eval()
-            acc, _ = skill_accuracy(model, a.skill, 200, seed=1000 + a.seed, draw=draw)
+            acc, _ = skill_accuracy(model, a.skill, 200, seed=1000 + a.seed, draw=eval_draw)
             rows.append({**common, "step": step, "train_loss": round(loss, 4), "accuracy": round(acc, 1),
                          "seconds": round(time.time() - t0)})
             print(f"{a.skill} ({variant}, {llm} LLM) step {step:5d}  loss {loss:.3f}  accuracy {acc:5.1f}", flush=True)

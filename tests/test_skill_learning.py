@@ -88,3 +88,20 @@ def test_llm_layers_needs_a_fresh_llm(capsys):
     with pytest.raises(SystemExit):
         skill_learning.main(["--llm-layers", "4"])
     assert "needs --fresh-llm" in capsys.readouterr().err
+
+
+def test_told_writes_the_scene_in_words_before_the_question_on_its_share(monkeypatch):
+    scenes = []
+    real = skill_learning.render_objects
+    monkeypatch.setattr(skill_learning, "render_objects", lambda objs, size: scenes.append(objs) or real(objs, size))
+    from mage.data.pretrain_mix import describe_scene
+
+    for told, rng in ((1.0, random.Random(3)), (0.5, random.Random(4))):
+        draw, written = skill_learning.verify_drawer(one_object=False, text_rule=False, told=told), 0
+        for _ in range(200):
+            prompt, answer, _, _ = draw(rng, "verify", 112)
+            description = describe_scene(scenes[-1], 112)
+            written += prompt.startswith(description + ". ")
+            question = prompt.removeprefix(description + ". ")
+            assert (answer == "yes") == (_asked(question) in {(o[1], o[0]) for o in scenes[-1]})
+        assert written == 200 if told == 1.0 else 70 < written < 130

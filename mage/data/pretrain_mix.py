@@ -49,7 +49,8 @@ IMAGE_SKILLS = ("draw", "copy", "remove", "add")  # answered with an image
 SKILL_WEIGHTS = (2, 1, 1, 3, 1, 1, 1, 4, 3, 3, 1, 2, 2, 1, 1)
 
 
-def _describe(objs, size: int) -> str:
+def describe_scene(objs, size: int) -> str:
+    """The describe skill's answer: every object with its cell, in reading order ("a red circle at the top left and ...")."""
     objs = sorted(objs, key=lambda o: vocab.CELL_NAMES.index(cell_name(o[2], o[3], size)))
     parts = [vocab.PRETRAIN_DESCRIBE_OBJECT.format(article=vocab.article(c), color=c, shape=s,
                                                    position=cell_name(x, y, size)) for s, c, x, y, _ in objs]
@@ -87,7 +88,7 @@ def draw_skill(rng: random.Random, skill: str, size: int):
     img = render_objects(objs, size)
     s, col, cx, cy, _ = rng.choice(objs)
     if skill == "describe":
-        return _prompt(rng, "describe"), _describe(objs, size), img, None
+        return _prompt(rng, "describe"), describe_scene(objs, size), img, None
     if skill == "count":
         return _prompt(rng, "count"), str(len(objs)), img, None
     if skill == "locate":
