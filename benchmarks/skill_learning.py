@@ -28,6 +28,8 @@ own describe answer, "a red circle at the top left. Does the picture show ...?";
 the plateau is in comparing a word with an image token or in comparing two things at all, and whether
 examples where the comparison is between words help the one with the image. Scoring is on the image alone
 unless --eval-told writes the scene in words on every scored example too.
+--train-input-resampler trains the input resampler with the LLM (stage 2 of the pretraining keeps it frozen):
+whether image tokens that may move towards the words are compared with them sooner.
 """
 from __future__ import annotations
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--llm-layers", type=int, default=None, help="with --fresh-llm: the LLM's depth (default the preset's)")
     p.add_argument("--told", type=float, default=0.0, help="verify only: share of training prompts with the scene in words")
     p.add_argument("--eval-told", action="store_true", help="verify only: score with the scene in words on every prompt")
+    p.add_argument("--train-input-resampler", action="store_true", help="train the input resampler too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.llm_layers is not None and (not a.fresh_llm or a.llm_layers < 1):
         p.error("--llm-layers N (N >= 1) needs --fresh-llm: the base exists for the tiny preset's depth only")
     variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule),
-                                       (f"told-{a.told:g}", a.told), ("eval-told", a.eval_told)) if on) or "mixture"
+                                       (f"told-{a.told:g}", a.told), ("eval-told", a.eval_told),
+                                       ("input-resampler-trained", a.train_input_resampler)) if on) or "mixture"
     draw = eval_draw = draw_skill
     if a.skill == "verify":
         draw = verify_drawer(a.one_object, a.text_rule, a.told)
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(a.seed)
     model = build_learner(a.fresh_llm, a.llm_layers)
     llm = f"fresh-{model.config.llm.num_layers}-layers" if a.fresh_llm else "base"
-    params = [q for n, q in model.named_parameters() if not n.startswith(("visual_encoder.", "input_resampler."))]
+    frozen = ("visual_encoder.",) if a.train_input_resampler else ("visual_encoder.", "input_resampler.")
+    params = [q for n, q in model.named_parameters() if not n.startswith(frozen)]
     model.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)
