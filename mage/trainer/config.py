@@ -78,7 +78,7 @@ class LoRAConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "mage"                  # see mage.methods.METHODS
-    pema_mode: str = "fisher"           # paper | taylor | fixed | fisher (docs/METHOD.md section 4); docs/RESULTS.md
+    pema_mode: str = "fixed"            # paper | taylor | fixed | fisher (docs/METHOD.md section 4); the presets' measured best, docs/RESULTS.md
     lam: float = 1e-5
     beta_min: float = 0.0
     beta_max: float = 1.0
