@@ -105,3 +105,15 @@ def test_told_writes_the_scene_in_words_before_the_question_on_its_share(monkeyp
             question = prompt.removeprefix(description + ". ")
             assert (answer == "yes") == (_asked(question) in {(o[1], o[0]) for o in scenes[-1]})
         assert written == 200 if told == 1.0 else 70 < written < 130
+
+
+def test_told_and_input_resampler_runs_name_their_variant(monkeypatch):
+    """The input resampler is in the optimizer exactly when asked for; the row names what ran."""
+    seen = []
+    real = skill_learning.torch.optim.AdamW
+    monkeypatch.setattr(skill_learning.torch.optim, "AdamW", lambda params, **kw: seen.append(list(params)) or real(params, **kw))
+    for extra, variant in ((["--train-input-resampler"], "told-0.5+input-resampler-trained"), ([], "told-0.5")):
+        rows = skill_learning.main(["--skill", "verify", "--steps", "1", "--eval-every", "1", "--told", "0.5", "--no-csv", *extra])
+        assert rows[-1]["variant"] == variant
+    resampler = len(list(skill_learning.build_model("tiny").input_resampler.parameters()))
+    assert resampler > 0 and [len(params) for params in seen] == [len(seen[1]) + resampler, len(seen[1])]
