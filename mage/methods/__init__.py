@@ -19,20 +19,23 @@ METHODS: dict[str, type[ContinualMethod]] = {
                 Joint, ZeroShot)}
 
 
-def unread_config_fields(name: str) -> frozenset[str]:
-    """The ``method.*`` config keys that method ``name`` never reads: the other methods' own knobs."""
+def method_class(name: str) -> type[ContinualMethod]:
+    """The class of method ``name``; an unknown name is an error that lists the valid ones."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    others = {f for cls in METHODS.values() for f in cls.config_fields} - set(METHODS[name].config_fields)
+    return METHODS[name]
+
+
+def unread_config_fields(name: str) -> frozenset[str]:
+    """The ``method.*`` config keys that method ``name`` never reads: the other methods' own knobs."""
+    others = {f for cls in METHODS.values() for f in cls.config_fields} - set(method_class(name).config_fields)
     return frozenset(f"method.{f}" for f in others)
 
 
 def build_method(name: str, cfg, model: nn.Module) -> ContinualMethod:
     """The method ``name`` on ``model`` (whose LoRA layers are already wrapped), with its MethodConfig."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg, model)
+    return method_class(name)(cfg, model)
 
 
-__all__ = ["METHODS", "build_method", "unread_config_fields", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
+__all__ = ["METHODS", "method_class", "build_method", "unread_config_fields", "ContinualMethod", "MAGE", "SequentialLoRA", "EqualWeight", "GroupMasked", "EWC",
            "CIA", "PGP", "MoELoRA", "RegLoRA", "LAE", "Joint", "ZeroShot"]
