@@ -4,6 +4,7 @@
     python benchmarks/skill_learning.py --skill verify --steps 300 --lr 1e-3 --text-rule      # the control
     python benchmarks/skill_learning.py --skill name --steps 300 --lr 1e-3
     python benchmarks/skill_learning.py --skill verify --one-object --fresh-llm --llm-layers 4   # a deeper LLM
+    python benchmarks/skill_learning.py --skill verify --one-object --fresh-llm --llm-width 256  # a wider LLM
     python benchmarks/skill_learning.py --skill verify --one-object --told 1 --eval-told        # the scene in words too
     python benchmarks/skill_learning.py --skill verify --told 0.5                              # half told, scored on images alone
 
@@ -23,6 +24,9 @@ of one-shape scenes (its rows say variant "mixture"). Two variants separate the 
   of `vocab.COLORS`), the same prompts and images: a control for learning the yes/no format at all.
 --fresh-llm keeps the base's ViT and resamplers and starts the LLM from random weights, with
 --llm-layers layers (default the tiny preset's): whether depth, not the base's pretraining, sets the pace.
+--llm-width W makes that new LLM W wide, its image tokens the base's input resampler's projected to W by a
+trained linear layer (the output resampler and patch_pos_embed are new too; text skills do not use the former):
+whether width does.
 --told P writes the scene in words before the question on a share P of the training examples (the base's
 own describe answer, "a red circle at the top left. Does the picture show ...?"; the image stays): whether
 the plateau is in comparing a word with an image token or in comparing two things at all, and whether
@@ -84,15 +88,41 @@ def verify_drawer(one_object: bool, text_rule: bool, told: float = 0.0):
     return draw
 
 
-def build_learner(fresh_llm: bool, llm_layers: int | None):
-    """The tiny model from its base; with ``fresh_llm`` its LLM (``llm_layers`` deep) keeps its random weights."""
+class ProjectedResampler(torch.nn.Module):
+    """The base's input resampler, its tokens projected to a wider LLM by a linear layer (``proj``)."""
+
+    def __init__(self, resampler: torch.nn.Module, width: int):
+        super().__init__()
+        self.resampler, self.proj = resampler, torch.nn.Linear(resampler.embed_dim, width)
+        self.query = resampler.query  # SeedXModel reads the input side's dtype from it
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.resampler(features))
+
+
+def build_learner(fresh_llm: bool, llm_layers: int | None, llm_width: int | None = None):
+    """The tiny model from its base; with ``fresh_llm`` its LLM (``llm_layers`` deep, ``llm_width`` wide)
+    keeps its random weights."""
     config = get_config("tiny")
     if llm_layers is not None:
         config = config.replace(llm=dataclasses.replace(config.llm, num_layers=llm_layers))
+    if llm_width is not None:
+        base_llm = config.llm
+        config = config.replace(
+            llm=dataclasses.replace(base_llm, hidden_size=llm_width,
+                                    intermediate_size=base_llm.intermediate_size * llm_width // base_llm.hidden_size),
+            input_resampler=dataclasses.replace(config.input_resampler, embed_dim=llm_width),
+            output_resampler=dataclasses.replace(config.output_resampler, kv_dim=llm_width))
     model = build_model("tiny", config=config)
     path = resolve_base(0, model.tokenizer)
     if not fresh_llm:
         load_base_(model, path)  # checks every key: a base exists for the preset's depth only
+        return model
+    if llm_width is not None:
+        base = build_model("tiny")
+        load_base_(base, path)
+        model.visual_encoder.load_state_dict(base.visual_encoder.state_dict())
+        model.input_resampler = ProjectedResampler(base.input_resampler, llm_width)
         return model
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("llm.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -112,6 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--text-rule", action="store_true", help="verify only: the answer follows from the question")
     p.add_argument("--fresh-llm", action="store_true", help="the LLM from random weights (ViT, resamplers from the base)")
     p.add_argument("--llm-layers", type=int, default=None, help="with --fresh-llm: the LLM's depth (default the preset's)")
+    p.add_argument("--llm-width", type=int, default=None, help="with --fresh-llm: the LLM's width (default the preset's)")
     p.add_argument("--told", type=float, default=0.0, help="verify only: share of training prompts with the scene in words")
     p.add_argument("--eval-told", action="store_true", help="verify only: score with the scene in words on every prompt")
     p.add_argument("--train-input-resampler", action="store_true", help="train the input resampler too")
@@ -124,6 +155,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--told {a.told}: a share of the training examples, 0 to 1")
     if a.llm_layers is not None and (not a.fresh_llm or a.llm_layers < 1):
         p.error("--llm-layers N (N >= 1) needs --fresh-llm: the base exists for the tiny preset's depth only")
+    heads = get_config("tiny").llm.num_heads
+    if a.llm_width is not None and (not a.fresh_llm or a.llm_width < heads or a.llm_width % heads):
+        p.error(f"--llm-width W (a multiple of the {heads} heads) needs --fresh-llm: the base exists for the tiny preset's width only")
     variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule),
                                        (f"told-{a.told:g}", a.told), ("eval-told", a.eval_told),
                                        ("input-resampler-trained", a.train_input_resampler)) if on) or "mixture"
@@ -133,10 +167,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         eval_draw = verify_drawer(a.one_object, a.text_rule, 1.0 if a.eval_told else 0.0)
 
     torch.manual_seed(a.seed)
-    model = build_learner(a.fresh_llm, a.llm_layers)
+    model = build_learner(a.fresh_llm, a.llm_layers, a.llm_width)
     llm = f"fresh-{model.config.llm.num_layers}-layers" if a.fresh_llm else "base"
+    if a.llm_width is not None:
+        llm += f"-width-{a.llm_width}"
     frozen = ("visual_encoder.",) if a.train_input_resampler else ("visual_encoder.", "input_resampler.")
-    params = [q for n, q in model.named_parameters() if not n.startswith(frozen)]
+    # A wider LLM's projection of the image tokens is as new as the LLM: it trains with it.
+    params = [q for n, q in model.named_parameters() if not n.startswith(frozen) or n.startswith("input_resampler.proj.")]
     model.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)

@@ -117,3 +117,37 @@ def test_told_and_input_resampler_runs_name_their_variant(monkeypatch):
         assert rows[-1]["variant"] == variant
     resampler = len(list(skill_learning.build_model("tiny").input_resampler.parameters()))
     assert resampler > 0 and [len(params) for params in seen] == [len(seen[1]) + resampler, len(seen[1])]
+
+
+def test_a_wider_fresh_llm_reads_the_bases_image_tokens_through_a_trained_projection(monkeypatch):
+    import torch
+    from mage.model.pretrain import resolve_base
+
+    torch.manual_seed(0)
+    model = skill_learning.build_learner(fresh_llm=True, llm_layers=None, llm_width=192)
+    base = skill_learning.build_model("tiny")
+    skill_learning.load_base_(base, resolve_base(0, base.tokenizer))
+    assert model.config.llm.hidden_size == 192 and model.llm.get_input_embeddings().weight.shape[1] == 192
+    inner = model.input_resampler.resampler
+    assert all(torch.equal(a, b) for a, b in zip(inner.state_dict().values(), base.input_resampler.state_dict().values()))
+    features = torch.randn(2, model.config.vision.num_queries, model.config.vision.output_dim)
+    assert torch.allclose(model.input_resampler(features), model.input_resampler.proj(base.input_resampler(features)))
+
+    built, seen = [], []
+    real_build, real_adamw = skill_learning.build_learner, skill_learning.torch.optim.AdamW
+    monkeypatch.setattr(skill_learning, "build_learner", lambda *args: built.append(real_build(*args)) or built[-1])
+    monkeypatch.setattr(skill_learning.torch.optim, "AdamW", lambda params, **kw: seen.append(list(params)) or real_adamw(params, **kw))
+    rows = skill_learning.main(["--skill", "verify", "--steps", "1", "--eval-every", "1", "--fresh-llm", "--llm-width", "192", "--no-csv"])
+    assert rows[-1]["llm"] == "fresh-2-layers-width-192"
+    names = {id(q): n for n, q in built[0].named_parameters()}
+    trained = {names[id(q)] for q in seen[0]}
+    assert {"input_resampler.proj.weight", "input_resampler.proj.bias", "llm.model.embed_tokens.weight"} <= trained
+    assert not any(n.startswith(("visual_encoder.", "input_resampler.resampler.")) for n in trained)
+
+
+def test_llm_width_needs_a_fresh_llm_and_a_multiple_of_the_heads(capsys):
+    import pytest
+    for argv in (["--llm-width", "256"], ["--fresh-llm", "--llm-width", "130"]):
+        with pytest.raises(SystemExit):
+            skill_learning.main(argv)
+        assert "--llm-width W" in capsys.readouterr().err
