@@ -6,6 +6,7 @@
     python benchmarks/skill_learning.py --skill verify --one-object --fresh-llm --llm-layers 4   # a deeper LLM
     python benchmarks/skill_learning.py --skill verify --one-object --fresh-llm --llm-width 256  # a wider LLM
     python benchmarks/skill_learning.py --skill verify --one-object --told 1 --eval-told        # the scene in words too
+    python benchmarks/skill_learning.py --skill verify --one-object --colour-only --fresh-llm   # one attribute to compare
     python benchmarks/skill_learning.py --skill verify --told 0.5                              # half told, scored on images alone
 
 Starts from the base the mini preset uses and trains what stage 2 of the pretraining trains (everything
@@ -17,9 +18,12 @@ It asks why the base answers "Is there a red circle ...?" at chance (docs/RESULT
 below 60"): whether the LLM cannot learn to compare a word of the question with what it sees, or only
 learns it slowly. --skill verify always draws with `verify_drawer`: the mixture's verify prompts and
 answers on scenes of 1-3 shapes (VQAv2's), without the mixture's answer-format suffixes or its extra share
-of one-shape scenes (its rows say variant "mixture"). Two variants separate the parts:
+of one-shape scenes (its rows say variant "mixture"). Three variants separate the parts:
 - --one-object: scenes of one shape, so "yes" needs only the one object's colour and shape to be those
   of the question; a "no" asks for a pair the scene does not hold, as in the mixture.
+- --colour-only: a "no" asks for a shape of the scene in a colour the scene does not hold, so the answer
+  is whether the question's colour is in the image: one word compared with the image, no binding of a
+  colour to a shape.
 - --text-rule: the answer follows from the question alone ("yes" if its colour is one of the first four
   of `vocab.COLORS`), the same prompts and images: a control for learning the yes/no format at all.
 --fresh-llm keeps the base's ViT and resamplers and starts the LLM from random weights, with
@@ -68,7 +72,7 @@ RESULTS = REPO / "benchmarks" / "results" / "skill_learning.csv"
 YES_COLORS = tuple(vocab.COLORS)[:4]  # --text-rule: "yes" exactly for these colours
 
 
-def verify_drawer(one_object: bool, text_rule: bool, told: float = 0.0):
+def verify_drawer(one_object: bool, text_rule: bool, told: float = 0.0, colour_only: bool = False):
     """A `draw(rng, skill, size)` for verify with the variant's scenes and answers; a share ``told`` of the
     prompts starts with the scene in words."""
     def draw(rng: random.Random, skill: str, size: int):
@@ -79,6 +83,8 @@ def verify_drawer(one_object: bool, text_rule: bool, told: float = 0.0):
             answer = "yes" if col in YES_COLORS else "no"
         elif rng.random() < 0.5:
             answer = "yes"
+        elif colour_only:
+            col, answer = rng.choice([c for c in vocab.COLORS if c not in {o[1] for o in objs}]), "no"
         else:
             (s, col), answer = absent_shape_color(rng, objs), "no"
         prompt = rng.choice(vocab.PRETRAIN_PROMPTS["verify"]).format(article=vocab.article(col), color=col, shape=s)
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--one-object", action="store_true", help="verify only: scenes of one shape")
+    p.add_argument("--colour-only", action="store_true", help="verify only: a no asks for a colour the scene lacks")
     p.add_argument("--text-rule", action="store_true", help="verify only: the answer follows from the question")
     p.add_argument("--fresh-llm", action="store_true", help="the LLM from random weights (ViT, resamplers from the base)")
     p.add_argument("--llm-layers", type=int, default=None, help="with --fresh-llm: the LLM's depth (default the preset's)")
@@ -149,8 +156,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
-    if (a.one_object or a.text_rule or a.told or a.eval_told) and a.skill != "verify":
-        p.error("--one-object, --text-rule, --told and --eval-told are variants of --skill verify")
+    if (a.one_object or a.colour_only or a.text_rule or a.told or a.eval_told) and a.skill != "verify":
+        p.error("--one-object, --colour-only, --text-rule, --told and --eval-told are variants of --skill verify")
+    if a.colour_only and a.text_rule:
+        p.error("--colour-only and --text-rule are two different answers: choose one")
     if not 0 <= a.told <= 1:
         p.error(f"--told {a.told}: a share of the training examples, 0 to 1")
     if a.llm_layers is not None and (not a.fresh_llm or a.llm_layers < 1):
@@ -158,13 +167,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     heads = get_config("tiny").llm.num_heads
     if a.llm_width is not None and (not a.fresh_llm or a.llm_width < heads or a.llm_width % heads):
         p.error(f"--llm-width W (a multiple of the {heads} heads) needs --fresh-llm: the base exists for the tiny preset's width only")
-    variant = "+".join(v for v, on in (("one-object", a.one_object), ("text-rule", a.text_rule),
-                                       (f"told-{a.told:g}", a.told), ("eval-told", a.eval_told),
+    variant = "+".join(v for v, on in (("one-object", a.one_object), ("colour-only", a.colour_only),
+                                       ("text-rule", a.text_rule), (f"told-{a.told:g}", a.told), ("eval-told", a.eval_told),
                                        ("input-resampler-trained", a.train_input_resampler)) if on) or "mixture"
     draw = eval_draw = draw_skill
     if a.skill == "verify":
-        draw = verify_drawer(a.one_object, a.text_rule, a.told)
-        eval_draw = verify_drawer(a.one_object, a.text_rule, 1.0 if a.eval_told else 0.0)
+        draw = verify_drawer(a.one_object, a.text_rule, a.told, a.colour_only)
+        eval_draw = verify_drawer(a.one_object, a.text_rule, 1.0 if a.eval_told else 0.0, a.colour_only)
 
     torch.manual_seed(a.seed)
     model = build_learner(a.fresh_llm, a.llm_layers, a.llm_width)

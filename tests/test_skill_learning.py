@@ -151,3 +151,28 @@ def test_llm_width_needs_a_fresh_llm_and_a_multiple_of_the_heads(capsys):
         with pytest.raises(SystemExit):
             skill_learning.main(argv)
         assert "--llm-width W" in capsys.readouterr().err
+
+
+def test_colour_only_asks_for_a_shape_of_the_scene_and_says_no_only_to_an_absent_colour(monkeypatch):
+    scenes = []
+    real = skill_learning.render_objects
+    monkeypatch.setattr(skill_learning, "render_objects", lambda objs, size: scenes.append(objs) or real(objs, size))
+    for one_object, rng in ((True, random.Random(5)), (False, random.Random(6))):
+        draw, answers = skill_learning.verify_drawer(one_object=one_object, text_rule=False, colour_only=True), set()
+        for _ in range(200):
+            prompt, answer, _, _ = draw(rng, "verify", 112)
+            color, shape = _asked(prompt)
+            colours, shapes = {o[1] for o in scenes[-1]}, {o[0] for o in scenes[-1]}
+            assert shape in shapes and (answer == "yes") == (color in colours)
+            assert answer == "no" or (color, shape) in {(o[1], o[0]) for o in scenes[-1]}
+            answers.add(answer)
+        assert answers == {"yes", "no"}
+    row = skill_learning.main(["--skill", "verify", "--steps", "1", "--eval-every", "1", "--colour-only", "--no-csv"])[-1]
+    assert row["variant"] == "colour-only"
+
+
+def test_colour_only_and_text_rule_are_refused_together(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        skill_learning.main(["--colour-only", "--text-rule"])
+    assert "two different answers" in capsys.readouterr().err
