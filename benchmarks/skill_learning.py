@@ -100,7 +100,8 @@ class ProjectedResampler(torch.nn.Module):
     def __init__(self, resampler: torch.nn.Module, width: int):
         super().__init__()
         self.resampler, self.proj = resampler, torch.nn.Linear(resampler.embed_dim, width)
-        self.query = resampler.query  # SeedXModel reads the input side's dtype from it
+        # SeedXModel reads the input side's dtype from `query` and sizes its image-free dummy pass by `kv_dim`.
+        self.query, self.kv_dim = resampler.query, resampler.kv_dim
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(self.resampler(features))

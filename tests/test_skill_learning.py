@@ -132,6 +132,7 @@ def test_a_wider_fresh_llm_reads_the_bases_image_tokens_through_a_trained_projec
     assert all(torch.equal(a, b) for a, b in zip(inner.state_dict().values(), base.input_resampler.state_dict().values()))
     features = torch.randn(2, model.config.vision.num_queries, model.config.vision.output_dim)
     assert torch.allclose(model.input_resampler(features), model.input_resampler.proj(base.input_resampler(features)))
+    assert model._dummy_input_images().item() == 0.0  # the image-free pass of a text-only batch runs too
 
     built, seen = [], []
     real_build, real_adamw = skill_learning.build_learner, skill_learning.torch.optim.AdamW
