@@ -181,9 +181,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     llm = f"fresh-{model.config.llm.num_layers}-layers" if a.fresh_llm else "base"
     if a.llm_width is not None:
         llm += f"-width-{a.llm_width}"
-    frozen = ("visual_encoder.",) if a.train_input_resampler else ("visual_encoder.", "input_resampler.")
-    # A wider LLM's projection of the image tokens is as new as the LLM: it trains with it.
-    params = [q for n, q in model.named_parameters() if not n.startswith(frozen) or n.startswith("input_resampler.proj.")]
+    # What stage 2 freezes: the ViT and the base's input resampler (a wider LLM's projection of its tokens is
+    # as new as the LLM and trains with it).
+    base_resampler = getattr(model.input_resampler, "resampler", model.input_resampler)
+    frozen_modules = [model.visual_encoder] + ([] if a.train_input_resampler else [base_resampler])
+    frozen = {id(q) for m in frozen_modules for q in m.parameters()}
+    params = [q for q in model.parameters() if id(q) not in frozen]
     model.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)
